@@ -1,0 +1,105 @@
+"""The parquet tables under ``out_dir/tables/``: their schemas (shared by writer and readers) and atomic writes.
+
+- ``clips.parquet``: one row per clip ever seen, kept or rejected, with the reason, timings and face/pose
+  statistics. A candidate that was split has one row per piece; one rejected before splitting has one row.
+- ``stage_timings.parquet``: one row per (candidate, stage): wall seconds of the run that computed the
+  output, and whether this run re-used it from the cache.
+- ``annotation_issues.parquet``: every anomaly found in the dataset's annotation files.
+
+Rows are sorted by key so that the same inputs give the same tables, whatever order work finished in.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TABLES_DIR = "tables"
+CLIPS_TABLE = "clips.parquet"
+STAGE_TIMINGS_TABLE = "stage_timings.parquet"
+ANNOTATION_ISSUES_TABLE = "annotation_issues.parquet"
+
+KEPT, REJECTED = "kept", "rejected"
+
+CLIPS_SCHEMA = pa.schema([
+    ("clip_id", pa.string()),
+    ("candidate_id", pa.string()),
+    ("dataset", pa.string()),
+    ("source", pa.string()),  # input video path
+    ("status", pa.string()),  # "kept" / "rejected"
+    ("reason", pa.string()),  # reject reason code, null when kept
+    ("reject_stage", pa.string()),
+    ("detail", pa.string()),
+    ("notes", pa.list_(pa.string())),  # anomalies that did not stop the clip
+    ("source_start_s", pa.float64()),  # piece start/end in the source video, seconds
+    ("source_end_s", pa.float64()),
+    ("piece_index", pa.int32()),
+    ("n_pieces", pa.int32()),
+    ("duration_s", pa.float64()),
+    ("n_frames", pa.int32()),
+    ("source_width", pa.int32()),
+    ("source_height", pa.int32()),
+    ("source_fps", pa.float64()),
+    ("source_rotation", pa.int32()),
+    ("crop_x", pa.float64()),
+    ("crop_y", pa.float64()),
+    ("crop_size", pa.float64()),
+    ("crop_method", pa.string()),  # annotated / landmarks / detector
+    ("face_frames_fraction", pa.float64()),
+    ("face_px_median", pa.float64()),
+    ("max_faces", pa.int32()),
+    ("multi_face_fraction", pa.float64()),
+    ("yaw_mean", pa.float64()),
+    ("yaw_abs_p95", pa.float64()),
+    ("pitch_mean", pa.float64()),
+    ("roll_mean", pa.float64()),
+    ("side_profile_fraction", pa.float64()),
+    ("loudness_in_lufs", pa.float64()),
+    ("gain_db", pa.float64()),
+    ("shard", pa.string()),  # shard file holding the kept clip
+    ("face_model", pa.string()),
+    ("settings_profile", pa.string()),
+    # wall seconds per stage, from the run that computed them
+    ("probe_s", pa.float64()),
+    ("locate_s", pa.float64()),
+    ("standardise_s", pa.float64()),
+    ("faces_s", pa.float64()),
+    ("cut_s", pa.float64()),
+])
+TIMING_COLUMNS = ("probe_s", "locate_s", "standardise_s", "faces_s", "cut_s")
+
+STAGE_TIMINGS_SCHEMA = pa.schema([
+    ("candidate_id", pa.string()),
+    ("stage", pa.string()),
+    ("seconds", pa.float64()),
+    ("cached", pa.bool_()),
+])
+
+ANNOTATION_ISSUES_SCHEMA = pa.schema([
+    ("file", pa.string()),
+    ("line", pa.int32()),
+    ("kind", pa.string()),
+    ("subject", pa.string()),
+    ("detail", pa.string()),
+])
+
+
+def write_table_atomic(rows: list[dict], schema: pa.Schema, path: Path, sort_by: list[str]) -> None:
+    """Write rows (dicts keyed by column name) as parquet, sorted, via a temp file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    if len(table):
+        table = table.sort_by([(column, "ascending") for column in sort_by])
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_table(out_dir: Path, name: str = CLIPS_TABLE) -> pa.Table:
+    return pq.read_table(Path(out_dir) / TABLES_DIR / name)

@@ -1,0 +1,288 @@
+"""Check a shard directory against the schema, reporting problems as values rather than raising.
+
+``validate_shards`` reads every tar once (hash, then members), so it costs about one pass over the data:
+run it after writing and before training, not in the training loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import soundfile
+
+from shards.schema import (
+    AUDIO_MEMBER,
+    AUDIO_SAMPLES_PER_FRAME,
+    AUDIO_SUBTYPE,
+    CLIP_ID_PATTERN,
+    FPS,
+    FRAME_SIZE,
+    INDEX_NAME,
+    LANDMARK_DIMS,
+    LANDMARKS_DTYPE,
+    LANDMARKS_MEMBER,
+    META_MEMBER,
+    N_LANDMARKS,
+    POSE_DIMS,
+    POSE_DTYPE,
+    POSE_MEMBER,
+    REQUIRED_MEMBERS,
+    SAMPLE_RATE,
+    SCHEMA_VERSION,
+    SHARD_NAME_PATTERN,
+    TEMP_NAME_PATTERN,
+    VIDEO_CODEC,
+    VIDEO_MEMBER,
+    ShardManifest,
+    index_json,
+    missing_meta_keys,
+    shard_manifest_name,
+    shard_tar_name,
+)
+
+__all__ = ["validate_sample", "validate_shards"]
+
+HASH_CHUNK = 1 << 20
+
+
+def validate_shards(shard_dir: Path) -> list[str]:
+    """Every way ``shard_dir`` departs from the schema, one message per problem; empty means valid.
+
+    Checks: no temp files; a manifest for every tar and a tar for every manifest; shard indices
+    contiguous from 0; tar size, sha256, sample count and clip ids match the manifest; every sample has
+    the required members and consistent contents (``validate_sample``); clip ids unique across shards;
+    ``index.json`` agrees with the manifests.
+    """
+    shard_dir = Path(shard_dir)
+    if not shard_dir.is_dir():
+        return [f"{shard_dir}: not a directory"]
+    problems: list[str] = []
+    names = sorted(path.name for path in shard_dir.iterdir())
+    problems += [f"{name}: leftover temp file" for name in names if TEMP_NAME_PATTERN.fullmatch(name)]
+
+    tar_indices = shard_indices(names, "tar")
+    manifest_indices = shard_indices(names, "json")
+    problems += [f"{shard_tar_name(i)}: no manifest" for i in sorted(tar_indices - manifest_indices)]
+    problems += [f"{shard_manifest_name(i)}: no tar" for i in sorted(manifest_indices - tar_indices)]
+    all_indices = tar_indices | manifest_indices
+    if all_indices and sorted(all_indices) != list(range(max(all_indices) + 1)):
+        problems.append(f"shard indices are not contiguous from 0: {sorted(all_indices)}")
+
+    manifests: list[ShardManifest] = []
+    first_shard_of_clip: dict[str, str] = {}
+    for index in sorted(tar_indices & manifest_indices):
+        manifest, shard_problems = validate_shard(shard_dir, index)
+        problems += shard_problems
+        if manifest is None:
+            continue
+        manifests.append(manifest)
+        for clip_id in manifest.clip_ids:
+            if clip_id in first_shard_of_clip:
+                problems.append(f"{manifest.tar_name}: clip {clip_id} also in {first_shard_of_clip[clip_id]}")
+            first_shard_of_clip.setdefault(clip_id, manifest.tar_name)
+
+    problems += validate_index(shard_dir, manifests, complete=len(manifests) == len(all_indices))
+    return problems
+
+
+def shard_indices(names: list[str], kind: str) -> set[int]:
+    indices = set()
+    for name in names:
+        match = SHARD_NAME_PATTERN.fullmatch(name)
+        if match and match.group(2) == kind:
+            indices.add(int(match.group(1)))
+    return indices
+
+
+def validate_shard(shard_dir: Path, index: int) -> tuple[ShardManifest | None, list[str]]:
+    """Check one shard against its manifest and the schema; returns the manifest (if it parses)."""
+    tar_name = shard_tar_name(index)
+    tar_path = shard_dir / tar_name
+    try:
+        manifest = ShardManifest.load(shard_dir / shard_manifest_name(index))
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        return None, [f"{shard_manifest_name(index)}: unreadable manifest: {error!r}"]
+
+    problems = []
+    if manifest.index != index:
+        problems.append(f"{manifest.manifest_name}: says index {manifest.index}")
+    if manifest.schema_version != SCHEMA_VERSION:
+        problems.append(
+            f"{manifest.manifest_name}: schema_version {manifest.schema_version}, expected {SCHEMA_VERSION}"
+        )
+    if manifest.n_samples != len(manifest.clip_ids):
+        problems.append(
+            f"{manifest.manifest_name}: n_samples {manifest.n_samples} but {len(manifest.clip_ids)} clip ids"
+        )
+    size = tar_path.stat().st_size
+    if size != manifest.n_bytes:
+        problems.append(f"{tar_name}: {size} bytes, manifest says {manifest.n_bytes}")
+    if file_sha256(tar_path) != manifest.sha256:
+        problems.append(f"{tar_name}: sha256 differs from the manifest")
+
+    clip_ids = []
+    try:
+        for clip_id, members in tar_samples(tar_path):
+            clip_ids.append(clip_id)
+            problems += [f"{tar_name}: {clip_id}: {problem}" for problem in validate_sample(clip_id, members)]
+    except (OSError, tarfile.TarError, EOFError) as error:
+        problems.append(f"{tar_name}: unreadable tar after {len(clip_ids)} samples: {error!r}")
+    if len(clip_ids) != manifest.n_samples:
+        problems.append(f"{tar_name}: {len(clip_ids)} samples, manifest says {manifest.n_samples}")
+    elif tuple(clip_ids) != manifest.clip_ids:
+        problems.append(f"{tar_name}: clip ids differ from the manifest")
+    return manifest, problems
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tar_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(clip_id, {member: bytes}) for each run of consecutive tar members sharing a key, as WebDataset
+    groups them (key = name up to the first dot). A key that reappears later comes out again."""
+    clip_id: str | None = None
+    members: dict[str, bytes] = {}
+    with tarfile.open(tar_path, mode="r|") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            key, _, member = info.name.partition(".")
+            if key != clip_id:
+                if clip_id is not None:
+                    yield clip_id, members
+                clip_id, members = key, {}
+            members[member] = tar.extractfile(info).read()
+    if clip_id is not None:
+        yield clip_id, members
+
+
+def validate_sample(clip_id: str, members: dict[str, bytes]) -> list[str]:
+    """Problems with one sample's members: required members present, json metadata complete and
+    consistent with the clip id, and every array, the audio and the video T frames long."""
+    problems = []
+    if not CLIP_ID_PATTERN.fullmatch(clip_id):
+        problems.append("clip id is not [A-Za-z0-9_-]+")
+    missing = [member for member in REQUIRED_MEMBERS if member not in members]
+    if missing:
+        problems.append(f"missing members {missing}")
+    if META_MEMBER not in members:
+        return problems
+    try:
+        meta = json.loads(members[META_MEMBER])
+    except ValueError as error:
+        return [*problems, f"json does not parse: {error}"]
+    if not isinstance(meta, dict):
+        return [*problems, "json is not an object"]
+    if missing_meta_keys(meta):
+        return [*problems, f"json lacks keys {missing_meta_keys(meta)}"]
+    if meta["schema_version"] != SCHEMA_VERSION:
+        problems.append(f"json schema_version {meta['schema_version']!r}, expected {SCHEMA_VERSION}")
+    if meta["clip_id"] != clip_id:
+        problems.append(f"json clip_id {meta['clip_id']!r} differs from the key")
+    expected_layout = {"fps": FPS, "width": FRAME_SIZE, "height": FRAME_SIZE, "sample_rate": SAMPLE_RATE}
+    problems += [
+        f"json {key}={meta[key]!r}, expected {value}"
+        for key, value in expected_layout.items()
+        if meta[key] != value
+    ]
+    n_frames = meta["n_frames"]
+    if not isinstance(n_frames, int) or n_frames < 1:
+        return [*problems, f"json n_frames={n_frames!r} is not a positive integer"]
+
+    checks = {
+        LANDMARKS_MEMBER: lambda data: check_array(
+            data, (n_frames, N_LANDMARKS, LANDMARK_DIMS), LANDMARKS_DTYPE
+        ),
+        POSE_MEMBER: lambda data: check_array(data, (n_frames, POSE_DIMS), POSE_DTYPE),
+        AUDIO_MEMBER: lambda data: check_wav(data, n_frames),
+        VIDEO_MEMBER: lambda data: check_video(data, n_frames),
+    }
+    for member, check in checks.items():
+        if member in members:
+            try:
+                problems += [f"{member}: {problem}" for problem in check(members[member])]
+            # numpy, soundfile and PyAV each raise their own errors; any of them is a problem to report.
+            except Exception as error:  # noqa: BLE001
+                problems.append(f"{member}: does not decode: {error!r}")
+    return problems
+
+
+def check_array(data: bytes, shape: tuple[int, ...], dtype: str) -> list[str]:
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    problems = []
+    if array.shape != shape:
+        problems.append(f"shape {array.shape}, expected {shape} (T = json n_frames)")
+    if array.dtype != np.dtype(dtype):
+        problems.append(f"dtype {array.dtype}, expected {dtype}")
+    return problems
+
+
+def check_wav(data: bytes, n_frames: int) -> list[str]:
+    info = soundfile.info(io.BytesIO(data))
+    problems = []
+    if info.samplerate != SAMPLE_RATE or info.channels != 1 or info.subtype != AUDIO_SUBTYPE:
+        problems.append(
+            f"{info.samplerate} Hz, {info.channels} channels, {info.subtype}; "
+            f"expected {SAMPLE_RATE} Hz mono {AUDIO_SUBTYPE}"
+        )
+    expected = n_frames * AUDIO_SAMPLES_PER_FRAME
+    if info.frames != expected:
+        problems.append(f"{info.frames} samples, expected {expected} (n_frames * {AUDIO_SAMPLES_PER_FRAME})")
+    return problems
+
+
+def check_video(data: bytes, n_frames: int) -> list[str]:
+    """Codec, size, frame rate and frame count; counts packets (one per frame for H.264) without decoding."""
+    problems = []
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.video:
+            return ["no video stream"]
+        if container.streams.audio:
+            problems.append("has an audio track (audio belongs in the wav member)")
+        stream = container.streams.video[0]
+        codec = stream.codec_context
+        if codec.name != VIDEO_CODEC:
+            problems.append(f"codec {codec.name}, expected {VIDEO_CODEC}")
+        if (codec.width, codec.height) != (FRAME_SIZE, FRAME_SIZE):
+            problems.append(f"{codec.width}x{codec.height}, expected {FRAME_SIZE}x{FRAME_SIZE}")
+        if stream.average_rate is None or Fraction(stream.average_rate) != FPS:
+            problems.append(f"{stream.average_rate} fps, expected {FPS}")
+        n_packets = sum(1 for packet in container.demux(stream) if packet.size > 0)
+    if n_packets != n_frames:
+        problems.append(f"{n_packets} frames, json says n_frames={n_frames}")
+    return problems
+
+
+def validate_index(shard_dir: Path, manifests: list[ShardManifest], *, complete: bool) -> list[str]:
+    """Compare ``index.json`` with what the manifests say it should hold."""
+    index_path = shard_dir / INDEX_NAME
+    if not index_path.exists():
+        return [f"{INDEX_NAME}: missing"]
+    try:
+        index: Any = json.loads(index_path.read_text())
+    except ValueError as error:
+        return [f"{INDEX_NAME}: does not parse: {error}"]
+    if not isinstance(index, dict) or index.get("schema_version") != SCHEMA_VERSION:
+        return [f"{INDEX_NAME}: schema_version is not {SCHEMA_VERSION}"]
+    if not complete:
+        return []  # the shard problems are already reported; a comparison would only repeat them
+    expected = index_json(manifests)
+    return [
+        f"{INDEX_NAME}: {key} differs from the manifests"
+        for key in expected
+        if index.get(key) != expected[key]
+    ]

@@ -1,0 +1,287 @@
+"""Write clips into WebDataset shards: deterministic, atomic and resumable.
+
+- Deterministic: samples go into shards in the order given, greedily, so which clip lands in which shard
+  depends only on the ordered samples (their member sizes) and the limits; tar headers carry fixed times,
+  owners and modes, and each sample's members are written in sorted order, so the same samples give
+  byte-identical tars.
+- Atomic: every file is written under a hidden temp name in the same directory, fsynced and renamed into
+  place, so no partial file ever has a final name. A shard's manifest is written after its tar and is the
+  "shard is done" marker; ``index.json`` is written after every shard is done.
+- Resumable: a shard whose manifest records the same content key, and whose tar has the recorded size, is
+  kept as it is (reported with ``reused=True``).
+
+One writer per shard directory at a time: a run removes the temp files that it finds there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import BinaryIO
+
+import webdataset as wds
+
+from shards.schema import (
+    INDEX_NAME,
+    META_MEMBER,
+    REQUIRED_MEMBERS,
+    SCHEMA_VERSION,
+    SHARD_NAME_PATTERN,
+    TAR_GROUP,
+    TAR_MODE,
+    TAR_MTIME,
+    TAR_USER,
+    TEMP_NAME_PATTERN,
+    ShardManifest,
+    ShardSample,
+    check_clip_id,
+    check_member_name,
+    encode_json,
+    index_json,
+    missing_meta_keys,
+    shard_content_key,
+    shard_manifest_name,
+    shard_tar_name,
+    temp_name,
+)
+
+__all__ = ["ShardManifest", "ShardSample", "write_shards"]
+
+log = logging.getLogger(__name__)
+
+TAR_BLOCK = 512  # a tar header is one block; file data is padded to whole blocks
+
+
+def write_shards(
+    samples: Sequence[ShardSample],
+    shard_dir: Path,
+    *,
+    max_samples_per_shard: int = 100,
+    max_bytes_per_shard: int = 1 << 30,
+) -> list[ShardManifest]:
+    """Write ``samples`` (in the order given) as ``shard_dir/shard-NNNNNN.tar`` and return their manifests.
+
+    A shard is closed when it holds ``max_samples_per_shard`` samples or when the next sample would take
+    it past ``max_bytes_per_shard`` (counting tar headers and padding); a sample larger than the byte
+    limit gets a shard of its own. Shards left by a previous run beyond the ones needed now, and leftover
+    temp files, are removed.
+
+    Raises ``ValueError`` before writing anything if a sample is invalid: a clip id that is not
+    ``[A-Za-z0-9_-]+`` or is repeated, a bad member name, a missing required member, or a ``json`` member
+    that does not hold the required metadata for that clip.
+    """
+    if max_samples_per_shard < 1 or max_bytes_per_shard < 1:
+        raise ValueError("max_samples_per_shard and max_bytes_per_shard must be positive")
+    samples = list(samples)
+    check_samples(samples)
+
+    shard_dir = Path(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(shard_dir)
+    # Without index.json the directory reads as "being written" until this run has finished.
+    (shard_dir / INDEX_NAME).unlink(missing_ok=True)
+
+    manifests = []
+    for index, shard_samples in enumerate(plan_shards(samples, max_samples_per_shard, max_bytes_per_shard)):
+        content_key = shard_content_key(shard_samples)
+        previous = reusable_manifest(shard_dir, index, content_key)
+        if previous is not None:
+            log.info("reusing %s (%d samples)", previous.tar_name, previous.n_samples)
+            manifests.append(replace(previous, reused=True))
+        else:
+            manifests.append(write_shard(shard_dir, index, shard_samples, content_key))
+
+    remove_stale_shards(shard_dir, n_shards=len(manifests))
+    write_atomically(shard_dir / INDEX_NAME, encode_json(index_json(manifests)))
+    return manifests
+
+
+def check_samples(samples: list[ShardSample]) -> None:
+    """Raise ``ValueError`` naming the first sample that breaks the schema (see ``write_shards``)."""
+    seen: set[str] = set()
+    for sample in samples:
+        check_clip_id(sample.clip_id)
+        if sample.clip_id in seen:
+            raise ValueError(f"clip_id {sample.clip_id!r} appears more than once")
+        seen.add(sample.clip_id)
+        for name in sample.members:
+            check_member_name(name)
+        missing = [name for name in REQUIRED_MEMBERS if name not in sample.members]
+        if missing:
+            raise ValueError(f"clip {sample.clip_id!r} lacks required members {missing}")
+        try:
+            meta = json.loads(member_bytes(sample.members[META_MEMBER]))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"clip {sample.clip_id!r}: unreadable json member: {error}") from error
+        if not isinstance(meta, dict):
+            # ValueError like every other bad sample, so callers need to catch one type.
+            raise ValueError(f"clip {sample.clip_id!r}: the json member must hold an object")  # noqa: TRY004
+        if missing_meta_keys(meta):
+            raise ValueError(f"clip {sample.clip_id!r}: json lacks keys {missing_meta_keys(meta)}")
+        if meta["clip_id"] != sample.clip_id:
+            raise ValueError(f"clip {sample.clip_id!r}: json says clip_id {meta['clip_id']!r}")
+        if meta["schema_version"] != SCHEMA_VERSION:
+            raise ValueError(
+                f"clip {sample.clip_id!r}: json schema_version {meta['schema_version']!r}, "
+                f"this writer writes {SCHEMA_VERSION}"
+            )
+
+
+def plan_shards(
+    samples: list[ShardSample], max_samples_per_shard: int, max_bytes_per_shard: int
+) -> list[list[ShardSample]]:
+    """Split the ordered samples into consecutive shards (greedy; see ``write_shards`` for the limits)."""
+    shards: list[list[ShardSample]] = []
+    current: list[ShardSample] = []
+    current_bytes = 0
+    for sample in samples:
+        size = sample_tar_size(sample)
+        if current and (len(current) >= max_samples_per_shard or current_bytes + size > max_bytes_per_shard):
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(sample)
+        current_bytes += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def sample_tar_size(sample: ShardSample) -> int:
+    """Bytes the sample takes in a tar: a header block per member plus data padded to whole blocks.
+
+    Exact for names that fit a plain tar header (up to 100 characters); longer names add a PAX header.
+    """
+    total = 0
+    for value in sample.members.values():
+        size = len(value) if isinstance(value, bytes) else Path(value).stat().st_size
+        total += TAR_BLOCK + -(-size // TAR_BLOCK) * TAR_BLOCK
+    return total
+
+
+def member_bytes(value: Path | bytes) -> bytes:
+    return value if isinstance(value, bytes) else Path(value).read_bytes()
+
+
+def reusable_manifest(shard_dir: Path, index: int, content_key: str) -> ShardManifest | None:
+    """The manifest of a finished shard with this content key and an intact-looking tar, else ``None``.
+
+    Only the size is checked, not the sha256, so that resuming does not re-read every finished shard;
+    ``validate_shards`` checks the hashes.
+    """
+    manifest_path = shard_dir / shard_manifest_name(index)
+    tar_path = shard_dir / shard_tar_name(index)
+    try:
+        manifest = ShardManifest.load(manifest_path)
+        tar_size = tar_path.stat().st_size
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    if manifest.index != index or manifest.content_key != content_key or manifest.n_bytes != tar_size:
+        return None
+    return manifest
+
+
+class HashingWriter:
+    """A write-only file wrapper that counts and hashes the bytes going through it."""
+
+    def __init__(self, file: BinaryIO):
+        self.file = file
+        self.sha256 = hashlib.sha256()
+        self.n_bytes = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.n_bytes += len(data)
+        return self.file.write(data)
+
+
+def write_shard(shard_dir: Path, index: int, samples: list[ShardSample], content_key: str) -> ShardManifest:
+    """Write one shard's tar, then its manifest (both atomically), and return the manifest."""
+    tar_path = shard_dir / shard_tar_name(index)
+    manifest_path = shard_dir / shard_manifest_name(index)
+    # The manifest marks the shard as done: drop the old one before the tar changes, so that a crash in
+    # between leaves a tar without a manifest (not done) rather than a manifest describing other bytes.
+    manifest_path.unlink(missing_ok=True)
+
+    temp_path = shard_dir / temp_name(tar_path.name, os.getpid())
+    try:
+        with open(temp_path, "wb") as file:
+            hashing = HashingWriter(file)
+            # encoder=False: members are already bytes. TarWriter sorts each sample's members by name.
+            with wds.TarWriter(
+                hashing, encoder=False, mtime=TAR_MTIME, user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE
+            ) as tar:
+                for sample in samples:
+                    members = {name: member_bytes(value) for name, value in sample.members.items()}
+                    tar.write({"__key__": sample.clip_id, **members})
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_path, tar_path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    fsync_directory(shard_dir)
+
+    manifest = ShardManifest(
+        index=index,
+        n_samples=len(samples),
+        n_bytes=hashing.n_bytes,
+        sha256=hashing.sha256.hexdigest(),
+        clip_ids=tuple(sample.clip_id for sample in samples),
+        content_key=content_key,
+    )
+    write_atomically(manifest_path, encode_json(manifest.to_json()))
+    log.info("wrote %s (%d samples, %d bytes)", tar_path.name, manifest.n_samples, manifest.n_bytes)
+    return manifest
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same directory, fsync and rename."""
+    temp_path = path.with_name(temp_name(path.name, os.getpid()))
+    try:
+        with open(temp_path, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_path, path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the renames in ``directory`` durable (a rename lives in the directory, not in the file)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temp_files(shard_dir: Path) -> list[Path]:
+    """Remove temp files left by interrupted runs; returns what was removed."""
+    removed = [path for path in shard_dir.iterdir() if TEMP_NAME_PATTERN.fullmatch(path.name)]
+    for path in removed:
+        log.warning("removing leftover temp file %s", path)
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def remove_stale_shards(shard_dir: Path, n_shards: int) -> list[Path]:
+    """Remove shard files with an index >= ``n_shards`` (left by an earlier, larger run)."""
+    stale = []
+    for path in shard_dir.iterdir():
+        match = SHARD_NAME_PATTERN.fullmatch(path.name)
+        if match and int(match.group(1)) >= n_shards:
+            stale.append(path)
+    # Manifests first, so that an interrupted clean-up never leaves a "done" marker without its tar.
+    stale.sort(key=lambda path: (path.suffix != ".json", path.name))
+    for path in stale:
+        log.info("removing stale %s", path.name)
+        path.unlink(missing_ok=True)
+    return stale
