@@ -258,7 +258,7 @@ def _parse_crop_wh(fields: list[str], file: str, line: int,
                    issues: list[AnnotationIssue]) -> tuple[str, CropBox]:
     clip, _, _ = _clip_key(fields[0])
     _field_count(fields, 5, "Name_i.mp4 x w y h", clip)
-    x, w, y, h = (_number(text, what, clip) for text, what in zip(fields[1:], ("x", "w", "y", "h")))
+    x, w, y, h = (_number(text, what, clip) for text, what in zip(fields[1:], ("x", "w", "y", "h"), strict=False))
     box = CropBox(x=x, y=y, w=w, h=h)
     if w <= 0 or h <= 0:
         _issue(issues, file, line, "crop_box_invalid", clip, f"non-positive size w={w:g} h={h:g}")

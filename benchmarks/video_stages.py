@@ -1,0 +1,96 @@
+"""Benchmark of the video stages against a bare ffmpeg baseline, in the same process on the same inputs.
+
+Prints, for generated 720p talking-face videos:
+- baseline: one ffmpeg call per clip doing decode + crop + scale to 512 + 25 fps + libx264 encode, with the
+  same crop box and encoder settings as the pipeline (clip-seconds per wall-second);
+- pipeline: the video stages as the flow runs them (probe, face survey, standardise incl. audio, landmarks
+  on every frame, filters), from a fresh cache (clip-seconds per wall-second), and the ratio to baseline;
+- the landmark stage alone in frames per second.
+
+    .venv/bin/python benchmarks/video_stages.py [--clips 3] [--seconds 10] [--profile default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from preprocess.discover import folder_candidates
+from preprocess.media import run_ffmpeg
+from preprocess.pipeline import (
+    Workspace,
+    run_faces,
+    run_locate,
+    run_probe,
+    run_select,
+    run_standardise,
+    start_job,
+)
+from preprocess.settings import load_settings
+from synchrorama.sample_data import make_talking_video
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--height", type=int, default=720)
+    parser.add_argument("--profile", default="default")
+    args = parser.parse_args()
+    settings = load_settings(args.profile)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        raw = scratch / "raw"
+        for index in range(args.clips):
+            make_talking_video(raw / f"clip{index}.mp4", seconds=args.seconds, width=args.width,
+                               height=args.height, fps=30.0)
+        candidates = folder_candidates(raw)
+        workspace = Workspace(scratch / "out")
+
+        stage_seconds = {"probe": 0.0, "locate": 0.0, "standardise": 0.0, "faces": 0.0, "filters+cut": 0.0}
+        jobs, clip_seconds, frames = [], 0.0, 0
+        started = time.perf_counter()
+        for candidate in candidates:
+            job = start_job(candidate, workspace)
+            for name, stage in (("probe", run_probe), ("locate", run_locate), ("standardise", run_standardise),
+                                ("faces", run_faces)):
+                t0 = time.perf_counter()
+                job = stage(job, settings, workspace)
+                stage_seconds[name] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            run_select(job, settings, workspace)
+            stage_seconds["filters+cut"] += time.perf_counter() - t0
+            assert job.rejection is None, job.rejection
+            jobs.append(job)
+            clip_seconds += job.standardised.duration_s
+            frames += job.standardised.n_frames
+        pipeline_wall = time.perf_counter() - started
+
+        started = time.perf_counter()
+        for job in jobs:
+            box = job.crop_box
+            run_ffmpeg(["-ss", "0", "-t", f"{job.duration_s:.3f}", "-i", job.candidate.source, "-map", "0:v:0",
+                        "-vf", f"fps=25,crop={int(box.w)}:{int(box.h)}:{int(box.x)}:{int(box.y)},"
+                               f"scale=512:512:flags=lanczos,format=yuv420p",
+                        "-c:v", "libx264", "-preset", settings.standardise.preset,
+                        "-crf", str(settings.standardise.crf), "-an", str(scratch / "baseline.mp4")])
+        baseline_wall = time.perf_counter() - started
+
+    pipeline_rate, baseline_rate = clip_seconds / pipeline_wall, clip_seconds / baseline_wall
+    print(f"inputs: {args.clips} x {args.seconds:.0f} s at {args.width}x{args.height} 30 fps "
+          f"(profile {args.profile}, x264 preset {settings.standardise.preset}, one worker)")
+    print(f"bare ffmpeg decode+crop+scale+encode: {baseline_rate:7.2f} clip-s per wall-s")
+    print(f"pipeline video stages:                {pipeline_rate:7.2f} clip-s per wall-s "
+          f"(ratio to bare ffmpeg: {pipeline_rate / baseline_rate:.2f})")
+    for name, seconds in stage_seconds.items():
+        print(f"  {name:12s} {seconds:7.2f} s  ({clip_seconds / seconds:7.2f} clip-s per s)")
+    print(f"landmark stage (face mesh on every 512x512 frame, incl. decode): "
+          f"{frames / stage_seconds['faces']:.1f} frames/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Stage: write one kept piece of a standardised clip as its own files (frame-exact).
+
+A piece covering the whole clip is copied as is. Otherwise the video is re-encoded between exact frame
+indices (``trim`` on frame numbers; keyframe cuts with ``-c copy`` would not be frame-exact), the audio is
+sliced at ``frame * 640`` samples, and landmarks and pose are sliced by frame.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from preprocess.faces import LANDMARKS_FILE, POSE_FILE
+from preprocess.media import count_video_frames, run_ffmpeg
+from preprocess.settings import StandardiseSettings
+from preprocess.standardise import AUDIO_FILE, VIDEO_FILE
+
+
+def cut_piece(
+    clip_dir: Path, faces_dir: Path, n_frames: int, frames: tuple[int, int], settings: StandardiseSettings,
+    out_dir: Path,
+) -> dict:
+    start, end = frames
+    if (start, end) == (0, n_frames):
+        shutil.copyfile(clip_dir / VIDEO_FILE, out_dir / VIDEO_FILE)
+        shutil.copyfile(clip_dir / AUDIO_FILE, out_dir / AUDIO_FILE)
+        shutil.copyfile(faces_dir / LANDMARKS_FILE, out_dir / LANDMARKS_FILE)
+        shutil.copyfile(faces_dir / POSE_FILE, out_dir / POSE_FILE)
+        return {"n_frames": n_frames}
+    run_ffmpeg([
+        "-i", clip_dir / VIDEO_FILE, "-vf", f"trim=start_frame={start}:end_frame={end},setpts=PTS-STARTPTS",
+        "-c:v", "libx264", "-preset", settings.preset, "-crf", str(settings.crf), "-pix_fmt", "yuv420p",
+        "-an", "-movflags", "+faststart", out_dir / VIDEO_FILE,
+    ])
+    written = count_video_frames(out_dir / VIDEO_FILE)
+    if written != end - start:
+        raise RuntimeError(f"cut wrote {written} frames, expected {end - start}")
+    samples_per_frame = settings.sample_rate // settings.fps
+    audio, sample_rate = soundfile.read(clip_dir / AUDIO_FILE, dtype="int16")
+    soundfile.write(out_dir / AUDIO_FILE, audio[start * samples_per_frame:end * samples_per_frame], sample_rate,
+                    subtype="PCM_16")
+    np.save(out_dir / LANDMARKS_FILE, np.load(faces_dir / LANDMARKS_FILE)[start:end])
+    np.save(out_dir / POSE_FILE, np.load(faces_dir / POSE_FILE)[start:end])
+    return {"n_frames": end - start}

@@ -1,0 +1,103 @@
+"""Stage: split long clips into pieces and judge every piece against the filters.
+
+Splitting (paper: clips of 3 to 20 s): a clip longer than ``max_clip_s`` is cut on frame boundaries into the
+fewest equal pieces that are each at most ``max_clip_s`` long (a 45 s clip gives three 15 s pieces); since
+it is longer than ``max_clip_s``, each piece is at least ``max_clip_s / 2`` long. Each piece is then judged
+on its own frames, so one turned-away stretch rejects only its piece. Filters run in a fixed order and the
+first failing one gives the reason; ``detail`` names every failing filter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from preprocess.locate import FaceSurvey
+from preprocess.records import Rejection
+from preprocess.settings import FilterSettings
+
+
+def plan_pieces(n_frames: int, fps: int, max_clip_s: float) -> list[tuple[int, int]]:
+    """Frame ranges [start, end) covering the clip in equal pieces of at most ``max_clip_s``."""
+    max_frames = int(math.floor(max_clip_s * fps))
+    n_pieces = max(1, math.ceil(n_frames / max_frames))
+    base, extra = divmod(n_frames, n_pieces)
+    ranges, start = [], 0
+    for index in range(n_pieces):
+        end = start + base + (1 if index < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+@dataclass(frozen=True)
+class PieceStats:
+    """Face and pose statistics of one piece (angles in degrees, face size in source pixels)."""
+
+    duration_s: float
+    face_frames_fraction: float
+    yaw_mean: float | None
+    yaw_abs_p95: float | None
+    pitch_mean: float | None
+    roll_mean: float | None
+    side_profile_fraction: float
+    multi_face_fraction: float
+    max_faces: int
+    face_px_median: float | None
+
+    def as_row(self) -> dict:
+        return asdict(self)
+
+
+def piece_stats(
+    pose: np.ndarray, survey: FaceSurvey, frames: tuple[int, int], fps: int, settings: FilterSettings
+) -> PieceStats:
+    start, end = frames
+    piece_pose = pose[start:end]
+    has_face = ~np.isnan(piece_pose[:, 0])
+    yaw = piece_pose[has_face, 0]
+    # survey samples whose time falls inside this piece
+    times = np.asarray(survey.sample_times_s)
+    inside = (times >= start / fps) & (times < end / fps)
+    counts = np.asarray(survey.face_counts)[inside]
+    heights = np.asarray(survey.face_heights_px)[inside]
+    heights = heights[heights > 0]
+
+    def mean(values: np.ndarray) -> float | None:
+        return round(float(np.mean(values)), 3) if len(values) else None
+
+    return PieceStats(
+        duration_s=round((end - start) / fps, 3),
+        face_frames_fraction=round(float(has_face.mean()), 4) if len(has_face) else 0.0,
+        yaw_mean=mean(yaw),
+        yaw_abs_p95=round(float(np.percentile(np.abs(yaw), 95)), 3) if len(yaw) else None,
+        pitch_mean=mean(piece_pose[has_face, 1]),
+        roll_mean=mean(piece_pose[has_face, 2]),
+        side_profile_fraction=round(float(np.mean(np.abs(yaw) > settings.max_abs_yaw_deg)), 4) if len(yaw) else 0.0,
+        multi_face_fraction=round(float(np.mean(counts >= 2)), 4) if len(counts) else 0.0,
+        max_faces=int(counts.max()) if len(counts) else 0,
+        face_px_median=round(float(np.median(heights)), 1) if len(heights) else None,
+    )
+
+
+def judge_piece(stats: PieceStats, settings: FilterSettings) -> Rejection | None:
+    """None when the piece passes every filter, else the first failing filter's rejection."""
+    failures: list[tuple[str, str]] = []
+    if stats.duration_s < settings.min_clip_s:
+        failures.append(("too_short", f"{stats.duration_s:.2f}s < {settings.min_clip_s}s"))
+    if stats.face_frames_fraction < settings.min_face_frames_fraction:
+        failures.append(("no_face", f"face in {stats.face_frames_fraction:.0%} of frames "
+                                    f"< {settings.min_face_frames_fraction:.0%}"))
+    if stats.face_px_median is not None and stats.face_px_median < settings.min_face_px:
+        failures.append(("face_too_small", f"median face height {stats.face_px_median:.0f}px < {settings.min_face_px}px"))
+    if stats.multi_face_fraction > settings.max_multi_face_fraction:
+        failures.append(("multi_speaker", f"2+ faces in {stats.multi_face_fraction:.0%} of sampled frames "
+                                          f"> {settings.max_multi_face_fraction:.0%}"))
+    if stats.side_profile_fraction > settings.max_side_profile_fraction:
+        failures.append(("side_profile", f"|yaw| > {settings.max_abs_yaw_deg} deg in {stats.side_profile_fraction:.0%} "
+                                         f"of face frames > {settings.max_side_profile_fraction:.0%}"))
+    if not failures:
+        return None
+    return Rejection("filters", failures[0][0], "; ".join(f"{code}: {text}" for code, text in failures))

@@ -1,0 +1,268 @@
+"""The per-clip pipeline: stages wrapped with the content-addressed cache, with no Prefect in sight.
+
+``flows/preprocess.py`` turns each ``run_*`` function into a Prefect task; tests and benchmarks call them
+directly. A ``ClipJob`` carries one candidate clip through the stages. Once it is rejected, later stages pass
+it through untouched. Each stage's cache key hashes the upstream key, the stage's own settings and a
+``STAGE_VERSIONS`` number (bump it when a stage's code changes its output), so a changed threshold only
+re-runs the stages that read it. An unexpected exception inside a stage becomes an ``error`` rejection for
+that clip (not cached, so the next run retries it) instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from preprocess.cache import StageCache, file_fingerprint, stable_hash
+from preprocess.crop import choose_crop_box
+from preprocess.cut import cut_piece
+from preprocess.face_models import mediapipe_version
+from preprocess.faces import POSE_FILE, FaceTrack, track_faces
+from preprocess.filters import PieceStats, judge_piece, piece_stats, plan_pieces
+from preprocess.locate import FaceSurvey, survey_faces
+from preprocess.probe import probe_video
+from preprocess.records import Candidate, CropBox, ProbeResult, Rejection
+from preprocess.settings import PreprocessSettings
+from preprocess.standardise import StandardisedClip, standardise_clip
+
+log = logging.getLogger(__name__)
+
+STAGE_VERSIONS = {"probe": 1, "locate": 1, "standardise": 1, "faces": 1, "pieces": 1}
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    stage: str
+    seconds: float  # wall time of the run that computed the output (also when re-used from the cache)
+    cached: bool
+
+
+@dataclass(frozen=True)
+class ClipJob:
+    candidate: Candidate
+    source_sha256: str | None = None
+    probe: ProbeResult | None = None
+    duration_s: float | None = None  # of the candidate clip in the source, after clamping to the file
+    survey: FaceSurvey | None = None
+    crop_box: CropBox | None = None
+    crop_method: str | None = None
+    standardised: StandardisedClip | None = None
+    standardise_key: str | None = None
+    faces: FaceTrack | None = None
+    faces_key: str | None = None
+    rejection: Rejection | None = None
+    notes: tuple[str, ...] = ()
+    timings: tuple[StageTiming, ...] = ()
+
+
+@dataclass(frozen=True)
+class PieceOutcome:
+    """The fate of one clip (a piece of a candidate, or the whole candidate if it never got that far)."""
+
+    clip_id: str
+    job: ClipJob
+    piece_index: int = 0
+    n_pieces: int = 0
+    frames: tuple[int, int] | None = None
+    stats: PieceStats | None = None
+    rejection: Rejection | None = None
+    files_dir: str | None = None  # directory holding clip.mp4, clip.wav, landmarks.npy, pose.npy
+    content_key: str | None = None
+    timings: tuple[StageTiming, ...] = field(default=())
+
+    @property
+    def kept(self) -> bool:
+        return self.rejection is None and self.files_dir is not None
+
+
+class Workspace:
+    """Where a run keeps its cache (``out_dir/work``)."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.cache = StageCache(self.out_dir / "work")
+
+    def fingerprint(self, path: Path) -> str:
+        return file_fingerprint(path, self.out_dir / "work" / "fingerprints")
+
+
+def _reject(job: ClipJob, rejection: Rejection) -> ClipJob:
+    return replace(job, rejection=rejection)
+
+
+def _guarded(stage: str, job: ClipJob, body) -> ClipJob:
+    """Run ``body()`` unless the job is already rejected; turn a crash into an ``error`` rejection."""
+    if job.rejection is not None:
+        return job
+    try:
+        return body()
+    except Exception as error:  # a bad clip must never stop the run
+        log.error("stage %s crashed on %s:\n%s", stage, job.candidate.candidate_id, traceback.format_exc())
+        return _reject(job, Rejection(stage, "error", f"{type(error).__name__}: {error}"))
+
+
+def start_job(candidate: Candidate, workspace: Workspace) -> ClipJob:
+    job = ClipJob(candidate=candidate, notes=candidate.notes)
+    if candidate.reject_reason:
+        return _reject(job, Rejection("annotations", candidate.reject_reason, candidate.reject_detail))
+    source = Path(candidate.source)
+    if not source.exists():
+        return _reject(job, Rejection("annotations", "missing_source", f"{source} does not exist"))
+    return _guarded("fingerprint", job, lambda: replace(job, source_sha256=workspace.fingerprint(source)))
+
+
+def run_probe(job: ClipJob, settings: PreprocessSettings, workspace: Workspace) -> ClipJob:
+    def body() -> ClipJob:
+        key = stable_hash("probe", STAGE_VERSIONS["probe"], job.source_sha256, settings.probe.fingerprint())
+
+        def compute(_: Path) -> dict:
+            result = probe_video(job.candidate.source, decode_check=settings.probe.decode_check)
+            return _encode(result)
+
+        stored, cached = workspace.cache.run("probe", key, compute)
+        result = _decode(stored, ProbeResult)
+        timed = replace(job, timings=job.timings + (StageTiming("probe", stored["seconds"], cached),))
+        if isinstance(result, Rejection):
+            return _reject(timed, result)
+        # the cached probe may have been made for the same content at another path
+        result = replace(result, path=job.candidate.source)
+        start, end = job.candidate.start_s, job.candidate.end_s
+        if start >= result.duration_s:
+            return _reject(replace(timed, probe=result), Rejection(
+                "probe", "clip_outside_source", f"clip starts at {start}s, the video lasts {result.duration_s:.2f}s"))
+        notes = timed.notes + result.notes
+        if end is None or end > result.duration_s:
+            if end is not None:
+                notes += ("clip_end_beyond_source",)
+            end = result.duration_s
+        return replace(timed, probe=result, duration_s=round(end - start, 3), notes=notes)
+
+    return _guarded("probe", job, body)
+
+
+def run_locate(job: ClipJob, settings: PreprocessSettings, workspace: Workspace) -> ClipJob:
+    def body() -> ClipJob:
+        if job.duration_s < settings.filters.min_clip_s:
+            # too short whatever happens next: skip the expensive stages
+            return _reject(job, Rejection("filters", "too_short",
+                                          f"{job.duration_s:.2f}s < {settings.filters.min_clip_s}s"))
+        key = stable_hash("locate", STAGE_VERSIONS["locate"], job.source_sha256, job.candidate.start_s,
+                          job.duration_s, settings.locate.fingerprint(), mediapipe_version())
+
+        def compute(_: Path) -> dict:
+            return _encode(survey_faces(job.candidate.source, job.probe, job.candidate.start_s, job.duration_s,
+                                        settings.locate))
+
+        stored, cached = workspace.cache.run("locate", key, compute)
+        result = _decode(stored, FaceSurvey)
+        timed = replace(job, timings=job.timings + (StageTiming("locate", stored["seconds"], cached),))
+        if isinstance(result, Rejection):
+            return _reject(timed, result)
+        return replace(timed, survey=result)
+
+    return _guarded("locate", job, body)
+
+
+def run_standardise(job: ClipJob, settings: PreprocessSettings, workspace: Workspace) -> ClipJob:
+    def body() -> ClipJob:
+        choice = choose_crop_box(job.candidate, job.probe, job.survey, settings.locate)
+        if isinstance(choice, Rejection):
+            return _reject(job, choice)
+        box, method, crop_notes = choice
+        key = stable_hash("standardise", STAGE_VERSIONS["standardise"], job.source_sha256, job.candidate.start_s,
+                          job.duration_s, box, settings.standardise.fingerprint())
+
+        def compute(out_dir: Path) -> dict:
+            return _encode(standardise_clip(job.candidate.source, job.candidate.start_s, job.duration_s, box,
+                                            settings.standardise, out_dir))
+
+        stored, cached = workspace.cache.run("standardise", key, compute)
+        result = _decode(stored, StandardisedClip)
+        timed = replace(job, crop_box=box, crop_method=method, notes=job.notes + crop_notes,
+                        timings=job.timings + (StageTiming("standardise", stored["seconds"], cached),))
+        if isinstance(result, Rejection):
+            return _reject(timed, result)
+        return replace(timed, standardised=result, standardise_key=key, notes=timed.notes + result.notes)
+
+    return _guarded("standardise", job, body)
+
+
+def run_faces(job: ClipJob, settings: PreprocessSettings, workspace: Workspace) -> ClipJob:
+    def body() -> ClipJob:
+        key = stable_hash("faces", STAGE_VERSIONS["faces"], job.standardise_key, settings.faces.fingerprint(),
+                          settings.models.face_mesh, mediapipe_version())
+        video = workspace.cache.entry_dir("standardise", job.standardise_key) / job.standardised.video
+
+        def compute(out_dir: Path) -> dict:
+            return _encode(track_faces(video, job.standardised.size, settings.faces, out_dir))
+
+        stored, cached = workspace.cache.run("faces", key, compute)
+        result = _decode(stored, FaceTrack)
+        timed = replace(job, timings=job.timings + (StageTiming("faces", stored["seconds"], cached),))
+        if isinstance(result, Rejection):
+            return _reject(timed, result)
+        return replace(timed, faces=result, faces_key=key)
+
+    return _guarded("faces", job, body)
+
+
+def run_select(job: ClipJob, settings: PreprocessSettings, workspace: Workspace) -> list[PieceOutcome]:
+    """Split into pieces, judge each, and cut the kept ones into their own files."""
+    if job.rejection is not None:
+        return [PieceOutcome(clip_id=job.candidate.candidate_id, job=job, rejection=job.rejection)]
+    try:
+        fps = job.standardised.fps
+        pose = np.load(workspace.cache.entry_dir("faces", job.faces_key) / POSE_FILE)
+        ranges = plan_pieces(job.standardised.n_frames, fps, settings.filters.max_clip_s)
+        outcomes = []
+        for index, frames in enumerate(ranges):
+            clip_id = job.candidate.candidate_id if len(ranges) == 1 else f"{job.candidate.candidate_id}_p{index}"
+            stats = piece_stats(pose, job.survey, frames, fps, settings.filters)
+            outcome = PieceOutcome(clip_id=clip_id, job=job, piece_index=index, n_pieces=len(ranges),
+                                   frames=frames, stats=stats, rejection=judge_piece(stats, settings.filters))
+            if outcome.rejection is None:
+                outcome = _cut(outcome, settings, workspace)
+            outcomes.append(outcome)
+        return outcomes
+    except Exception as error:
+        log.error("selecting pieces crashed on %s:\n%s", job.candidate.candidate_id, traceback.format_exc())
+        return [PieceOutcome(clip_id=job.candidate.candidate_id, job=job,
+                             rejection=Rejection("pieces", "error", f"{type(error).__name__}: {error}"))]
+
+
+def _cut(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    job = outcome.job
+    key = stable_hash("pieces", STAGE_VERSIONS["pieces"], job.standardise_key, job.faces_key, outcome.frames,
+                      settings.standardise.fingerprint())
+    clip_dir = workspace.cache.entry_dir("standardise", job.standardise_key)
+    faces_dir = workspace.cache.entry_dir("faces", job.faces_key)
+    stored, cached = workspace.cache.run("pieces", key, lambda out_dir: cut_piece(
+        clip_dir, faces_dir, job.standardised.n_frames, outcome.frames, settings.standardise, out_dir))
+    return replace(outcome, files_dir=str(workspace.cache.entry_dir("pieces", key)), content_key=key,
+                   timings=(StageTiming("cut", stored["seconds"], cached),))
+
+
+def _encode(result) -> dict:
+    """JSON form of a stage result (a dataclass) or a Rejection, for the cache."""
+    from dataclasses import asdict
+
+    kind = "rejection" if isinstance(result, Rejection) else "ok"
+    return {"kind": kind, "value": asdict(result)}
+
+
+def _decode(stored: dict, cls):
+    value = stored["value"]
+    if stored["kind"] == "rejection":
+        return Rejection(**value)
+    fields = {}
+    for name, item in value.items():
+        if isinstance(item, list):
+            item = tuple(item)
+        if name in ("face_box",) and item is not None:
+            item = CropBox(**item)
+        fields[name] = item
+    return cls(**fields)

@@ -1,0 +1,129 @@
+"""Preprocessing settings: the one typed source of truth for thresholds, output format and model references.
+
+A *profile* is a named set of settings. ``default`` references the real models a user runs with;
+``tiny`` references the small locally built models the tests and the offline demo use. The video stages of
+this pipeline use MediaPipe's bundled legacy solutions in both profiles (they ship inside the wheel, so
+"real" and "tiny" are the same there); the later model stages (Whisper, emotion models, captioning) differ.
+
+Every field can be overridden per run: ``preprocess(..., overrides={"filters": {"max_abs_yaw_deg": 30}})``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def fingerprint(self) -> str:
+        """A stable hash of these settings: part of every cache key that depends on them."""
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ProbeSettings(_Section):
+    decode_check: bool = Field(True, description="decode a frame near the start and end to catch truncation")
+
+
+class LocateSettings(_Section):
+    """Face location on the source video, before cropping (also counts faces for the multi-speaker filter)."""
+
+    sample_fps: float = Field(2.0, description="source frames sampled per second for face counting/boxes")
+    analysis_width: int = Field(640, description="sampled frames are downscaled to this width for detection")
+    min_detection_confidence: float = 0.5
+    face_box_scale: float = Field(
+        1.8,
+        description="landmark-derived square side = face_box_scale * crop_ratio * max(landmark extent); "
+        "1.8 keeps hair, chin and some neck, as HDTF's boxes do",
+    )
+    default_crop_ratio: float = Field(1.0, description="crop_ratio when the dataset gives none")
+    prefer_landmark_box: bool = Field(False, description="ignore annotated boxes and always use landmarks")
+
+
+class StandardiseSettings(_Section):
+    fps: int = 25
+    size: int = 512
+    crf: int = Field(18, description="libx264 constant rate factor (lower = better quality, bigger files)")
+    preset: str = Field("veryfast", description="libx264 preset")
+    sample_rate: int = 16000
+    loudness_lufs: float = Field(-23.0, description="EBU R128 / ITU-R BS.1770-4 integrated loudness target")
+    true_peak_dbfs: float = Field(-1.0, description="peak ceiling after gain, to avoid clipping")
+
+
+class FaceSettings(_Section):
+    """Per-frame MediaPipe face mesh on the standardised 512x512 clip."""
+
+    refine_landmarks: bool = Field(True, description="478 landmarks (with irises) instead of 468")
+    min_detection_confidence: float = 0.5
+    min_tracking_confidence: float = 0.5
+
+
+class FilterSettings(_Section):
+    """Each filter's threshold; a clip failing one is rejected with that filter's reason code."""
+
+    min_clip_s: float = Field(3.0, description="shorter clips are rejected as too_short (paper: 3-20 s)")
+    max_clip_s: float = Field(20.0, description="longer clips are split into equal pieces of at most this")
+    min_face_frames_fraction: float = Field(0.9, description="below this fraction of frames with a face: no_face")
+    min_face_px: float = Field(64.0, description="median detected face height in source pixels; below: face_too_small")
+    max_abs_yaw_deg: float = Field(45.0, description="|yaw| above this counts as a side-profile frame")
+    max_side_profile_fraction: float = Field(0.2, description="above this fraction of side-profile frames: side_profile")
+    max_multi_face_fraction: float = Field(0.2, description="above this fraction of sampled frames with 2+ faces: multi_speaker")
+
+
+class ShardSettings(_Section):
+    max_samples_per_shard: int = 100
+    max_bytes_per_shard: int = 1 << 30
+
+
+class ModelRefs(_Section):
+    """Which model produced what: recorded next to every output row."""
+
+    face_mesh: str = "mediapipe.solutions.face_mesh (bundled, refine_landmarks)"
+    face_detection: str = "mediapipe.solutions.face_detection (bundled, full-range model_selection=1)"
+
+
+class PreprocessSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: str = "default"
+    workers: int = Field(2, description="clips processed concurrently (threads; ffmpeg and MediaPipe release the GIL)")
+    probe: ProbeSettings = ProbeSettings()
+    locate: LocateSettings = LocateSettings()
+    standardise: StandardiseSettings = StandardiseSettings()
+    faces: FaceSettings = FaceSettings()
+    filters: FilterSettings = FilterSettings()
+    shards: ShardSettings = ShardSettings()
+    models: ModelRefs = ModelRefs()
+
+
+ProfileName = Literal["default", "tiny"]
+
+# Per-profile overrides of the defaults above. The tiny profile keeps the video stages identical (MediaPipe is
+# bundled) but uses a faster encoder preset so that tests and the demo finish quickly.
+PROFILES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "tiny": {"standardise": {"preset": "ultrafast"}, "shards": {"max_samples_per_shard": 4}},
+}
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(profile: str = "default", overrides: dict[str, Any] | None = None) -> PreprocessSettings:
+    """Settings for a named profile, with per-run overrides applied on top (nested dicts merge)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown settings profile {profile!r}; choose one of {sorted(PROFILES)}")
+    values = _deep_merge({"profile": profile}, PROFILES[profile])
+    values = _deep_merge(values, overrides or {})
+    return PreprocessSettings.model_validate(values)

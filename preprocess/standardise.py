@@ -1,0 +1,103 @@
+"""Stage: cut, crop and re-encode one candidate clip to the training format.
+
+Video: constant 25 fps, the chosen square crop scaled to 512x512 (Lanczos), H.264 (libx264, yuv420p),
+no audio track. Audio: first audio track, downmixed to mono, resampled to 16 kHz, loudness-normalised to
+-23 LUFS integrated (EBU R128 / ITU-R BS.1770-4, measured with pyloudnorm) with the peak kept under
+-1 dBFS, and trimmed or zero-padded to exactly ``n_frames * 640`` samples so that audio and video have the
+same duration (both are cut by the same input seek, so they start together).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyloudnorm
+import soundfile
+
+from preprocess.media import FfmpegError, count_video_frames, run_ffmpeg
+from preprocess.records import CropBox, Rejection
+from preprocess.settings import StandardiseSettings
+
+VIDEO_FILE = "clip.mp4"
+AUDIO_FILE = "clip.wav"
+
+
+@dataclass(frozen=True)
+class StandardisedClip:
+    video: str  # file name inside the stage's output directory
+    audio: str
+    n_frames: int
+    fps: int
+    size: int
+    sample_rate: int
+    loudness_in_lufs: float | None  # None: silent or too short to measure
+    gain_db: float
+    notes: tuple[str, ...]
+
+    @property
+    def duration_s(self) -> float:
+        return self.n_frames / self.fps
+
+
+def standardise_clip(
+    source: str, start_s: float, duration_s: float, box: CropBox, settings: StandardiseSettings, out_dir: Path
+) -> StandardisedClip | Rejection:
+    video_path, raw_audio_path = out_dir / VIDEO_FILE, out_dir / "raw_audio.wav"
+    video_filter = (
+        f"fps={settings.fps},crop={int(box.w)}:{int(box.h)}:{int(box.x)}:{int(box.y)},"
+        f"scale={settings.size}:{settings.size}:flags=lanczos,setsar=1,format=yuv420p"
+    )
+    try:
+        run_ffmpeg([
+            "-ss", f"{start_s:.3f}", "-t", f"{duration_s:.3f}", "-i", source,
+            "-map", "0:v:0", "-vf", video_filter, "-c:v", "libx264", "-preset", settings.preset,
+            "-crf", str(settings.crf), "-an", "-movflags", "+faststart", str(video_path),
+            "-map", "0:a:0", "-ac", "1", "-ar", str(settings.sample_rate), "-c:a", "pcm_s16le",
+            str(raw_audio_path),
+        ])
+        n_frames = count_video_frames(video_path)
+    except FfmpegError as error:
+        return Rejection("standardise", "encode_failed", str(error))
+    if n_frames == 0:
+        return Rejection("standardise", "no_frames", "the cut produced no video frames")
+
+    audio, sample_rate = soundfile.read(raw_audio_path, dtype="float32", always_2d=False)
+    raw_audio_path.unlink()
+    samples_per_frame = settings.sample_rate // settings.fps
+    audio, notes = _fit_length(audio, n_frames * samples_per_frame)
+    audio, loudness_in, gain_db, loudness_notes = normalise_loudness(audio, sample_rate, settings)
+    soundfile.write(out_dir / AUDIO_FILE, audio, sample_rate, subtype="PCM_16")
+    return StandardisedClip(
+        video=VIDEO_FILE, audio=AUDIO_FILE, n_frames=n_frames, fps=settings.fps, size=settings.size,
+        sample_rate=sample_rate, loudness_in_lufs=loudness_in, gain_db=gain_db,
+        notes=tuple(notes + loudness_notes),
+    )
+
+
+def _fit_length(audio: np.ndarray, n_samples: int) -> tuple[np.ndarray, list[str]]:
+    """Trim or zero-pad to exactly ``n_samples``; more than 40 ms of padding is worth a note."""
+    if len(audio) >= n_samples:
+        return audio[:n_samples], []
+    notes = ["audio_padded"] if n_samples - len(audio) > 640 else []
+    return np.pad(audio, (0, n_samples - len(audio))), notes
+
+
+def normalise_loudness(
+    audio: np.ndarray, sample_rate: int, settings: StandardiseSettings
+) -> tuple[np.ndarray, float | None, float, list[str]]:
+    """Gain to the integrated-loudness target, limited so the peak stays under the ceiling."""
+    if len(audio) < int(0.4 * sample_rate) or not np.any(audio):
+        return audio, None, 0.0, ["silent_audio"]
+    loudness = pyloudnorm.Meter(sample_rate).integrated_loudness(audio.astype(np.float64))
+    if not np.isfinite(loudness):
+        return audio, None, 0.0, ["silent_audio"]
+    gain_db = settings.loudness_lufs - loudness
+    notes = []
+    peak = float(np.max(np.abs(audio)))
+    ceiling = 10 ** (settings.true_peak_dbfs / 20)
+    if peak * 10 ** (gain_db / 20) > ceiling:
+        gain_db = 20 * np.log10(ceiling / peak)
+        notes.append("peak_limited")
+    return (audio * 10 ** (gain_db / 20)).astype(np.float32), round(float(loudness), 2), round(float(gain_db), 2), notes

@@ -1,0 +1,157 @@
+"""``synchrorama``: the user's commands for the SynchroRaMa data pipeline and model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="SynchroRaMa: preprocess talking-face datasets into shards and tables, and build the model.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+console = Console()
+
+
+@app.command("sample-data")
+def sample_data(
+    out: Path = typer.Argument(Path("sample_data/hdtf"), help="where to write the sample HDTF dataset"),
+    overwrite: bool = typer.Option(False, help="regenerate even if it exists"),
+) -> None:
+    """Generate the small sample dataset in HDTF's real layout (annotation files + Name.mp4 videos)."""
+    from synchrorama.sample_data import make_sample_hdtf
+
+    path = make_sample_hdtf(out, overwrite=overwrite)
+    console.print(f"sample HDTF dataset in [bold]{path}[/bold]")
+
+
+@app.command("run")
+def run(
+    raw_dir: Path = typer.Option(..., help="videos (and, for HDTF, optionally the annotation files)"),
+    out_dir: Path = typer.Option(..., help="where shards/, tables/ and the work cache go"),
+    dataset: str = typer.Option("hdtf", help="hdtf, vfhq, mead or folder"),
+    profile: str = typer.Option("default", help="settings profile: default (real models) or tiny"),
+    annotations_dir: Optional[Path] = typer.Option(None, help="HDTF annotation files if not in raw_dir"),
+    pattern: str = typer.Option("**/*", help="glob of videos under raw_dir (folder datasets)"),
+    overrides: str = typer.Option("{}", help='settings overrides as JSON, e.g. \'{"filters": {"max_abs_yaw_deg": 30}}\''),
+    limit: Optional[int] = typer.Option(None, help="only the first N candidates"),
+) -> None:
+    """Run the preprocess flow in this process (no server needed; Prefect starts a temporary one)."""
+    from flows.preprocess import preprocess
+
+    summary = preprocess(dataset=dataset, raw_dir=str(raw_dir), out_dir=str(out_dir), profile=profile,
+                         annotations_dir=str(annotations_dir) if annotations_dir else None, pattern=pattern,
+                         overrides=json.loads(overrides), limit=limit)
+    console.print_json(data=summary)
+
+
+@app.command("download-hdtf")
+def download_hdtf(
+    out: Path = typer.Option(..., help="folder for the Name.mp4 videos"),
+    annotations_dir: Path = typer.Option(Path(__file__).resolve().parent.parent / "data" / "hdtf_annotations",
+                                         help="HDTF annotation files (url lists)"),
+    name: Optional[list[str]] = typer.Option(None, help="only these video names (repeatable)"),
+) -> None:
+    """Optional: download HDTF's videos from YouTube (needs the 'download' extra: yt-dlp, and the network)."""
+    from preprocess.download import download_hdtf_videos
+
+    statuses = download_hdtf_videos(annotations_dir, out, name)
+    for video, status in statuses.items():
+        console.print(f"{video}: {status}")
+
+
+@app.command("serve")
+def serve_command(
+    raw_root: Path = typer.Option(Path("data/raw"), help="default raw_dir of deployment NAME is RAW_ROOT/NAME"),
+    out_root: Path = typer.Option(Path("out"), help="default out_dir of deployment NAME is OUT_ROOT/NAME"),
+    profile: str = typer.Option("default", help="default settings profile of the deployments"),
+    server_log: Path = typer.Option(Path(".prefect/server.log"), help="log of the Prefect server started here"),
+) -> None:
+    """Serve the deployments preprocess/{hdtf,vfhq,mead,folder}; starts a local Prefect server (SQLite) first
+    unless PREFECT_API_URL is set. Then, in another shell:
+    PREFECT_API_URL=http://127.0.0.1:4200/api prefect deployment run preprocess/hdtf --watch -p raw_dir=... -p out_dir=..."""
+    from synchrorama.prefect_server import DEFAULT_API_URL, is_healthy, start_server
+
+    env = dict(os.environ)
+    server = None
+    if "PREFECT_API_URL" not in env:
+        if is_healthy(DEFAULT_API_URL):
+            console.print(f"using the Prefect server already running at {DEFAULT_API_URL}")
+        else:
+            console.print(f"starting a Prefect server (log: {server_log}) ...")
+            server = start_server(server_log)
+        env["PREFECT_API_URL"] = DEFAULT_API_URL
+    console.print(f"serving preprocess/hdtf, vfhq, mead, folder against {env['PREFECT_API_URL']} (Ctrl-C stops)")
+    serving = subprocess.Popen([sys.executable, "-m", "flows.serve", "--raw-root", str(raw_root),
+                                "--out-root", str(out_root), "--profile", profile], env=env)
+    try:
+        serving.wait()
+    except KeyboardInterrupt:
+        serving.send_signal(signal.SIGINT)
+        serving.wait()
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait()
+
+
+def _print_rows(title: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if value is None else str(value) for value in row))
+    console.print(table)
+
+
+@app.command("inspect")
+def inspect_command(out_dir: Path = typer.Argument(..., help="a preprocess out_dir")) -> None:
+    """Print counts, reject reasons, durations and per-stage time from a run's parquet tables."""
+    from synchrorama.inspect_tables import COLUMNS, inspect_run
+
+    for name, rows in inspect_run(out_dir).items():
+        _print_rows(name.replace("_", " "), COLUMNS[name], rows)
+    console.print(f"shards: {out_dir / 'shards'}   tables: {out_dir / 'tables'}")
+
+
+@app.command("report")
+def report_command(
+    out_dir: Path = typer.Argument(..., help="a preprocess out_dir"),
+    output: Optional[Path] = typer.Option(None, help="HTML file to write (default OUT_DIR/report.html)"),
+) -> None:
+    """Write an HTML page with plots: yaw and duration histograms, reject reasons, time per stage."""
+    from synchrorama.report import write_report
+
+    console.print(f"report written to {write_report(out_dir, output)}")
+
+
+@app.command("validate")
+def validate_command(out_dir: Path = typer.Argument(..., help="a preprocess out_dir (or its shards/ dir)")) -> None:
+    """Check the shards against their manifests and the schema; exits 1 on any problem."""
+    from shards.validate import validate_shards
+
+    shard_dir = out_dir / "shards" if (out_dir / "shards").is_dir() else out_dir
+    problems = validate_shards(shard_dir)
+    for problem in problems:
+        console.print(f"[red]{problem}[/red]")
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"[green]{shard_dir}: shards valid[/green]")
+
+
+@app.command("summary")
+def summary_command(size: str = typer.Option("tiny", help="full (SD 1.5 size) or tiny")) -> None:
+    """Print the model's parameter counts per component."""
+    from model.summary import format_summary
+
+    console.print(format_summary(size))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,136 @@
+"""Unit tests of the video stages on generated media: pose, splitting, crop boxes, standardise, faces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pyloudnorm
+import pytest
+import soundfile
+
+from preprocess.cache import StageCache
+from preprocess.crop import choose_crop_box
+from preprocess.face_models import mesh_landmarks, new_face_mesh
+from preprocess.faces import track_faces
+from preprocess.filters import judge_piece, piece_stats, plan_pieces
+from preprocess.head_pose import head_pose_from_landmarks, rotation_matrix
+from preprocess.locate import FaceSurvey, survey_faces
+from preprocess.probe import probe_video
+from preprocess.records import Candidate, CropBox
+from preprocess.settings import load_settings
+from preprocess.standardise import standardise_clip
+
+SETTINGS = load_settings("tiny")
+
+
+def _ffprobe(path):
+    out = subprocess.run(["ffprobe", "-v", "error", "-show_streams", "-of", "json", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["streams"]
+
+
+def test_head_pose_recovers_known_rotations():
+    import cv2
+    from skimage import data
+
+    face = cv2.resize(np.ascontiguousarray(data.astronaut()[0:300, 80:380]), (512, 512))
+    landmarks = mesh_landmarks(new_face_mesh(video_mode=False, refine_landmarks=True), face)
+    assert landmarks is not None and landmarks.shape == (478, 3)
+    # camera coordinates (x right, y up, z to viewer), centred on the face
+    points = landmarks.astype(np.float64) * [1, -1, -1]
+    centre = points.mean(axis=0)
+    measured = head_pose_from_landmarks(landmarks[None])[0]
+    frontal = (points - centre) @ rotation_matrix(*measured)  # undo the photo's own pose
+    for yaw, pitch, roll in [(0, 0, 0), (30, 0, 0), (-60, 0, 0), (0, 20, 0), (0, 0, -15), (40, -10, 8)]:
+        turned = frontal @ rotation_matrix(yaw, pitch, roll).T + centre
+        estimate = head_pose_from_landmarks((turned * [1, -1, -1])[None])[0]
+        np.testing.assert_allclose(estimate, [yaw, pitch, roll], atol=0.5)
+    nan_rows = np.full((2, 478, 3), np.nan)
+    assert np.isnan(head_pose_from_landmarks(nan_rows)).all()
+
+
+@pytest.mark.parametrize("seconds", [3.0, 19.96, 20.0, 20.04, 45.0, 61.0, 400.0])
+def test_plan_pieces_covers_the_clip_in_pieces_of_3_to_20_seconds(seconds):
+    n_frames = int(round(seconds * 25))
+    pieces = plan_pieces(n_frames, 25, 20.0)
+    assert pieces[0][0] == 0 and pieces[-1][1] == n_frames
+    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:], strict=False))
+    lengths = [(end - start) / 25 for start, end in pieces]
+    assert all(3.0 <= length <= 20.0 for length in lengths), lengths
+    assert max(lengths) - min(lengths) <= 0.04 + 1e-9
+    if seconds == 45.0:
+        assert lengths == [15.0, 15.0, 15.0]
+
+
+def _probe(path):
+    result = probe_video(path)
+    assert not hasattr(result, "reason"), result
+    return result
+
+
+def test_annotated_box_is_scaled_squared_and_moved_inside_the_frame(frontal_video):
+    probe = _probe(frontal_video)  # 640x360
+    survey = FaceSurvey((0.0,), (1,), (80.0,), CropBox(280, 100, 80, 90), "landmarks")
+    candidate = Candidate("c", str(frontal_video), "hdtf", annotated_box=CropBox(1000, 40, 400, 380),
+                          annotated_height=720)
+    box, method, notes = choose_crop_box(candidate, probe, survey, SETTINGS.locate)
+    assert method == "annotated"
+    assert box.w == box.h == 200  # 400 px at 720p -> 200 px at 360p, made square
+    assert box.x + box.w <= 640 and box.y >= 0
+    assert "crop_box_moved_inside_frame" in notes and "crop_box_made_square" in notes
+    # resolution 0: the annotated box cannot be scaled, so the face decides
+    no_height = Candidate("c", str(frontal_video), "hdtf", annotated_box=CropBox(10, 10, 100, 100),
+                          crop_ratio=1.2)
+    box, method, notes = choose_crop_box(no_height, probe, survey, SETTINGS.locate)
+    assert method == "landmarks" and "annotated_box_without_resolution" in notes
+    assert box.w == pytest.approx(int(1.8 * 1.2 * 90) // 2 * 2)
+
+
+def test_survey_counts_one_face_and_two_side_by_side(frontal_video, pair_video):
+    for video, expected in [(frontal_video, 1), (pair_video, 2)]:
+        probe = _probe(video)
+        survey = survey_faces(str(video), probe, 0.0, 3.0, SETTINGS.locate)
+        assert len(survey.face_counts) == 6  # 3 s at 2 samples per second
+        assert all(count == expected for count in survey.face_counts), survey.face_counts
+        assert survey.face_box is not None and min(survey.face_heights_px) > 64
+
+
+def test_standardise_and_faces_give_the_training_format(frontal_video, tmp_path):
+    probe = _probe(frontal_video)
+    survey = survey_faces(str(frontal_video), probe, 0.5, 4.0, SETTINGS.locate)
+    box, _, _ = choose_crop_box(Candidate("c", str(frontal_video), "folder"), probe, survey, SETTINGS.locate)
+    clip = standardise_clip(str(frontal_video), 0.5, 4.0, box, SETTINGS.standardise, tmp_path)
+    assert clip.n_frames == 100
+    video_stream, = _ffprobe(tmp_path / clip.video)
+    assert (video_stream["width"], video_stream["height"], video_stream["codec_name"]) == (512, 512, "h264")
+    assert video_stream["avg_frame_rate"] == "25/1" and video_stream["pix_fmt"] == "yuv420p"
+    audio, rate = soundfile.read(tmp_path / clip.audio)
+    assert rate == 16000 and audio.ndim == 1 and len(audio) == clip.n_frames * 640
+    assert pyloudnorm.Meter(rate).integrated_loudness(audio) == pytest.approx(-23.0, abs=1.0)
+
+    track = track_faces(tmp_path / clip.video, 512, SETTINGS.faces, tmp_path)
+    landmarks, pose = np.load(tmp_path / track.landmarks), np.load(tmp_path / track.pose)
+    assert landmarks.shape == (100, 478, 3) and pose.shape == (100, 3)
+    assert not np.isnan(pose).any()
+    stats = piece_stats(pose, survey, (0, 100), 25, SETTINGS.filters)
+    assert stats.face_frames_fraction == 1.0 and abs(stats.yaw_mean) < 20
+    assert judge_piece(stats, SETTINGS.filters) is None
+    strict = load_settings("tiny", {"filters": {"max_abs_yaw_deg": 0.01}}).filters
+    assert judge_piece(piece_stats(pose, survey, (0, 100), 25, strict), strict).reason == "side_profile"
+
+
+def test_cache_keeps_nothing_from_a_crashed_computation(tmp_path):
+    cache = StageCache(tmp_path)
+
+    def crash(out_dir):
+        (out_dir / "partial.bin").write_bytes(b"x")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        cache.run("stage", "key1", crash)
+    assert cache.load("stage", "key1") is None and not any((tmp_path / "stage").iterdir())
+    result, cached = cache.run("stage", "key1", lambda out_dir: {"value": 1})
+    assert (result["value"], cached) == (1, False)
+    assert cache.run("stage", "key1", lambda out_dir: {"value": 2})[0]["value"] == 1
