@@ -15,10 +15,14 @@ echo "== generating the sample HDTF dataset in $RAW"
 synchrorama sample-data "$RAW"
 
 server_pid=""; serve_pid=""
+stop() {  # SIGTERM, then SIGKILL after 15 s (background jobs of a script ignore SIGINT)
+  kill -TERM -- "$@" 2>/dev/null || return 0
+  for _ in $(seq 1 30); do kill -0 -- "$@" 2>/dev/null || return 0; sleep 0.5; done
+  kill -KILL -- "$@" 2>/dev/null || true
+}
 cleanup() {
-  [ -n "$serve_pid" ] && kill -INT "$serve_pid" 2>/dev/null && wait "$serve_pid" 2>/dev/null
-  [ -n "$server_pid" ] && kill -TERM -- -"$server_pid" 2>/dev/null
-  true
+  if [ -n "$serve_pid" ]; then stop "$serve_pid"; fi
+  if [ -n "$server_pid" ]; then stop -"$server_pid"; fi
 }
 trap cleanup EXIT
 
