@@ -24,10 +24,15 @@ if [ -f "$stamp" ]; then
   exit 0
 fi
 [ -d .venv ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+# pip's exit status is kept; only the noise about this machine's local package indexes is filtered out
+pip_install() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+pip_install --upgrade pip
 # torch first, exactly, from the CPU wheel; the constraints file keeps every later install from replacing it.
-.venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+pip_install torch==2.13.0
+pip_install -c constraints.txt -e ".[dev]"
+# openai-whisper without triton (see pyproject.toml); its runtime dependencies come with the project
+pip_install --no-deps openai-whisper==20250625
+.venv/bin/python -c "import whisper, demucs, mediapipe, prefect" # fail here, not later, if anything is missing
 rm -f .venv/.installed-*
 touch "$stamp"
 echo "[install] done: $(.venv/bin/python -c 'import torch, mediapipe, prefect; print("torch", torch.__version__, "mediapipe", mediapipe.__version__, "prefect", prefect.__version__)')"
