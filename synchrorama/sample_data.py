@@ -44,8 +44,9 @@ def _background(width: int, height: int) -> np.ndarray:
     return canvas
 
 
-def render_frames(layout: Layout, width: int, height: int, n_frames: int, fps: float):
-    """Yield RGB frames: one face, two faces side by side, or a face-free still life, drifting a little."""
+def render_frames(layout: Layout, width: int, height: int, n_frames: int, fps: float, variant: int = 0):
+    """Yield RGB frames: one face, two faces side by side, or a face-free still life, drifting a little.
+    ``variant`` changes the background tint and the drift's phase, so variants are different files."""
     if layout == "none":
         patch = _resized(skimage_data.coffee(), int(height * 0.8))
         patches = [patch]
@@ -54,10 +55,11 @@ def render_frames(layout: Layout, width: int, height: int, n_frames: int, fps: f
         patch = _resized(_head_and_shoulders(), patch_height)
         patches = [patch] if layout == "single" else [patch, patch[:, ::-1]]
     background = _background(width, height)
+    background[..., 1] = (70 + 17 * variant) % 256
     slots = len(patches)
     for index in range(n_frames):
         frame = background.copy()
-        drift = int(round(6 * np.sin(2 * np.pi * index / (fps * 3))))
+        drift = int(round(6 * np.sin(2 * np.pi * index / (fps * 3) + variant)))
         for slot, patch in enumerate(patches):
             ph, pw = patch.shape[:2]
             centre_x = width * (slot + 0.5) / slots
@@ -75,7 +77,7 @@ def speech_wav(path: Path, text: str = SPEECH_TEXT) -> Path:
 
 def make_talking_video(
     path: Path, *, layout: Layout = "single", seconds: float = 5.0, width: int = 640, height: int = 360,
-    fps: float = 30.0, audio: Literal["speech", "silence", "none"] = "speech",
+    fps: float = 30.0, audio: Literal["speech", "silence", "none"] = "speech", variant: int = 0,
 ) -> Path:
     """Write an H.264/AAC mp4 of a generated scene with looping espeak-ng speech."""
     path = Path(path)
@@ -94,7 +96,7 @@ def make_talking_video(
         process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
         assert process.stdin is not None
         try:
-            for frame in render_frames(layout, width, height, n_frames, fps):
+            for frame in render_frames(layout, width, height, n_frames, fps, variant):
                 process.stdin.write(frame.tobytes())
         finally:
             process.stdin.close()

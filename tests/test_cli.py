@@ -1,0 +1,63 @@
+"""The `synchrorama` command line: run, inspect, report, validate, sample-data, summary."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from synchrorama.cli import app
+from synchrorama.sample_data import make_talking_video
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("raw")
+    make_talking_video(raw / "host.mp4", layout="single", seconds=4.0)
+    make_talking_video(raw / "tiny.mp4", layout="single", seconds=1.0, variant=1)
+    out = tmp_path_factory.mktemp("out")
+    result = runner.invoke(app, ["run", "--dataset", "folder", "--raw-dir", str(raw), "--out-dir", str(out),
+                                 "--profile", "tiny"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("run", "serve", "inspect", "report", "validate", "sample-data", "summary", "download-hdtf"):
+        assert command in result.output
+
+
+def test_inspect_prints_counts_reasons_and_durations(small_run):
+    result = runner.invoke(app, ["inspect", str(small_run)])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"kept\s*│\s*1\s*│\s*4\.0", result.output)
+    assert "too_short" in result.output and "stage seconds" in result.output
+
+
+def test_report_writes_html_with_plots(small_run):
+    result = runner.invoke(app, ["report", str(small_run)])
+    assert result.exit_code == 0, result.output
+    page = (small_run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4
+    for title in ("Head yaw", "Kept clip durations", "Reject reasons", "Time per stage"):
+        assert title in page
+
+
+def test_validate_passes_then_catches_a_corrupted_shard(small_run, tmp_path):
+    assert runner.invoke(app, ["validate", str(small_run)]).exit_code == 0
+    shard = next((small_run / "shards").glob("shard-*.tar"))
+    data = bytearray(shard.read_bytes())
+    data[2000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = runner.invoke(app, ["validate", str(small_run)])
+    assert result.exit_code == 1 and "sha256" in result.output
+
+
+def test_summary_prints_component_counts():
+    result = runner.invoke(app, ["summary", "--size", "tiny"])
+    assert result.exit_code == 0 and "ReferenceNet" in result.output
