@@ -205,7 +205,8 @@ def test_validation_catches_inconsistent_lengths(samples, mp4_files, tmp_path):
 def test_dataloader_with_two_workers_yields_every_clip_once(samples, tmp_path):
     write_shards(samples, tmp_path, max_samples_per_shard=2)
     dataset = clip_dataset(tmp_path)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+    # spawn, not fork: earlier tests in this pytest process ran Prefect, whose exit hooks fail in forked children
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context="spawn")
 
     clips = {clip["clip_id"]: clip for clip in loader}
 
@@ -254,7 +255,8 @@ def test_corrupted_npy_is_skipped_and_counted(samples, mp4_files, tmp_path):
     broken.members["landmarks.npy"] = b"\x93NUMPY this is not an array"
     write_shards([samples[0], broken, samples[2]], tmp_path, max_samples_per_shard=2)
     dataset = clip_dataset(tmp_path)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+    # spawn, not fork: earlier tests in this pytest process ran Prefect, whose exit hooks fail in forked children
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context="spawn")
 
     clip_ids = sorted(clip["clip_id"] for clip in loader)
 
