@@ -134,3 +134,28 @@ def test_cache_keeps_nothing_from_a_crashed_computation(tmp_path):
     result, cached = cache.run("stage", "key1", lambda out_dir: {"value": 1})
     assert (result["value"], cached) == (1, False)
     assert cache.run("stage", "key1", lambda out_dir: {"value": 2})[0]["value"] == 1
+
+
+@pytest.mark.parametrize("variant", [
+    {"rotation": 90, "width": 320, "height": 180},
+    {"vfr": True},
+    {"pix_fmt": "yuv420p10le"},
+    {"pix_fmt": "yuv444p", "width": 321, "height": 241},
+    {"extra_audio_track": True},
+    {"fps": 60, "sample_rate": 48000},
+], ids=["rotated", "vfr", "10bit", "odd-size", "extra-tracks", "60fps-48k"])
+def test_standardise_normalises_awkward_inputs(variant, tmp_path):
+    from tests.media_fixtures import make_test_video
+
+    source = make_test_video(tmp_path / "in.mp4", seconds=2.0, **{"width": 320, "height": 240, **variant})
+    probe = _probe(source)
+    side = min(probe.width, probe.height) // 2 * 2
+    box = CropBox(0, 0, side, side)
+    clip = standardise_clip(str(source), 0.0, 2.0, box, SETTINGS.standardise, tmp_path)
+    stream, = _ffprobe(tmp_path / clip.video)
+    assert (stream["width"], stream["height"], stream["avg_frame_rate"], stream["pix_fmt"]) == (512, 512, "25/1", "yuv420p")
+    assert abs(clip.n_frames - 50) <= 1  # a VFR source's last frame may end just short of 2.0 s
+    audio, rate = soundfile.read(tmp_path / clip.audio)
+    assert rate == 16000 and audio.ndim == 1 and len(audio) == clip.n_frames * 640
+    if variant.get("rotation"):
+        assert (probe.width, probe.height) == (180, 320)  # displayed portrait: the crop box is in displayed pixels
