@@ -145,7 +145,7 @@ def test_cache_keeps_nothing_from_a_crashed_computation(tmp_path):
     {"fps": 60, "sample_rate": 48000},
 ], ids=["rotated", "vfr", "10bit", "odd-size", "extra-tracks", "60fps-48k"])
 def test_standardise_normalises_awkward_inputs(variant, tmp_path):
-    from tests.media_fixtures import make_test_video
+    from media_fixtures import make_test_video
 
     source = make_test_video(tmp_path / "in.mp4", seconds=2.0, **{"width": 320, "height": 240, **variant})
     probe = _probe(source)
