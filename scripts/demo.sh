@@ -14,28 +14,20 @@ mkdir -p .prefect
 echo "== generating the sample HDTF dataset in $RAW"
 synchrorama sample-data "$RAW"
 
-server_pid=""; serve_pid=""
-stop() {  # SIGTERM, then SIGKILL after 15 s (background jobs of a script ignore SIGINT)
-  kill -TERM -- "$@" 2>/dev/null || return 0
-  for _ in $(seq 1 30); do kill -0 -- "$@" 2>/dev/null || return 0; sleep 0.5; done
-  kill -KILL -- "$@" 2>/dev/null || true
-}
-cleanup() {
-  if [ -n "$serve_pid" ]; then stop "$serve_pid"; fi
-  if [ -n "$server_pid" ]; then stop -"$server_pid"; fi
+serve_pid=""
+cleanup() {  # SIGTERM (background jobs of a script ignore SIGINT), SIGKILL if still there after 30 s
+  [ -n "$serve_pid" ] || return 0
+  kill -TERM "$serve_pid" 2>/dev/null || return 0
+  for _ in $(seq 1 60); do kill -0 "$serve_pid" 2>/dev/null || return 0; sleep 0.5; done
+  kill -KILL "$serve_pid" 2>/dev/null || true
 }
 trap cleanup EXIT
 
-if ! curl -fs "$PREFECT_API_URL/health" >/dev/null 2>&1; then
-  echo "== starting the Prefect server (log: .prefect/server.log)"
-  setsid prefect server start --host 127.0.0.1 --port 4200 >.prefect/server.log 2>&1 &
-  server_pid=$!
-  for _ in $(seq 1 120); do curl -fs "$PREFECT_API_URL/health" >/dev/null 2>&1 && break; sleep 0.5; done
-fi
-echo "== serving the deployments (log: .prefect/serve.log)"
-python -m flows.serve --raw-root sample_data --out-root out --profile tiny >.prefect/serve.log 2>&1 &
+echo "== synchrorama serve: Prefect server + deployments preprocess/{hdtf,vfhq,mead,folder} (log: .prefect/serve.log)"
+env -u PREFECT_API_URL synchrorama serve --raw-root sample_data --out-root out --profile tiny \
+  --server-log .prefect/server.log >.prefect/serve.log 2>&1 &
 serve_pid=$!
-for _ in $(seq 1 120); do prefect deployment inspect preprocess/hdtf >/dev/null 2>&1 && break; sleep 0.5; done
+for _ in $(seq 1 240); do prefect deployment inspect preprocess/hdtf >/dev/null 2>&1 && break; sleep 0.5; done
 
 echo "== prefect deployment run preprocess/hdtf --watch"
 status=0
@@ -46,6 +38,6 @@ if [ $status -ne 0 ]; then
   exit $status
 fi
 echo
-echo "== result (tiny profile: MediaPipe is real, later model stages would use tiny random models)"
+echo "== result. TINY PROFILE ON GENERATED SAMPLE DATA: these numbers say nothing about real data (MediaPipe is real; model stages run tiny random models)"
 synchrorama inspect "$OUT"
 synchrorama validate "$OUT"

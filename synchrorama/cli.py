@@ -78,27 +78,34 @@ def serve_command(
     PREFECT_API_URL=http://127.0.0.1:4200/api prefect deployment run preprocess/hdtf --watch -p raw_dir=... -p out_dir=..."""
     from synchrorama.prefect_server import DEFAULT_API_URL, is_healthy, start_server
 
+    def stop_on_sigterm(signum, frame):  # so that `kill` also stops the children, via the finally below
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     env = dict(os.environ)
-    server = None
-    if "PREFECT_API_URL" not in env:
-        if is_healthy(DEFAULT_API_URL):
-            console.print(f"using the Prefect server already running at {DEFAULT_API_URL}")
-        else:
-            console.print(f"starting a Prefect server (log: {server_log}) ...")
-            server = start_server(server_log)
-        env["PREFECT_API_URL"] = DEFAULT_API_URL
-    console.print(f"serving preprocess/hdtf, vfhq, mead, folder against {env['PREFECT_API_URL']} (Ctrl-C stops)")
-    serving = subprocess.Popen([sys.executable, "-m", "flows.serve", "--raw-root", str(raw_root),
-                                "--out-root", str(out_root), "--profile", profile], env=env)
+    server = serving = None
     try:
+        if "PREFECT_API_URL" not in env:
+            if is_healthy(DEFAULT_API_URL):
+                console.print(f"using the Prefect server already running at {DEFAULT_API_URL}")
+            else:
+                console.print(f"starting a Prefect server (log: {server_log}) ...")
+                server = start_server(server_log)
+            env["PREFECT_API_URL"] = DEFAULT_API_URL
+        console.print(f"serving preprocess/hdtf, vfhq, mead, folder against {env['PREFECT_API_URL']} (Ctrl-C stops)")
+        serving = subprocess.Popen([sys.executable, "-m", "flows.serve", "--raw-root", str(raw_root),
+                                    "--out-root", str(out_root), "--profile", profile], env=env)
         serving.wait()
     except KeyboardInterrupt:
-        serving.send_signal(signal.SIGINT)
-        serving.wait()
+        pass
     finally:
-        if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait()
+        for child, group in ((serving, False), (server, True)):
+            if child is not None and child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM) if group else child.terminate()
+                try:
+                    child.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    child.kill()
 
 
 def _print_rows(title: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
