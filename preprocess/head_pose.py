@@ -17,8 +17,8 @@ FOREHEAD_TOP = 10
 CHIN = 152
 
 
-def head_pose_from_landmarks(landmarks: np.ndarray, aspect: float = 1.0) -> np.ndarray:
-    """Yaw, pitch, roll in degrees for landmarks of shape (T, N>=468, 3) -> (T, 3); NaN rows stay NaN.
+def face_frame(landmarks: np.ndarray, aspect: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Landmarks in camera axes (T, N, 3) and each frame's face rotation (T, 3, 3), columns = face axes.
 
     ``aspect`` is frame width / height, used to put normalised x and y on the same scale.
     """
@@ -33,12 +33,25 @@ def head_pose_from_landmarks(landmarks: np.ndarray, aspect: float = 1.0) -> np.n
     upward = upward - np.sum(upward * x_axis, axis=-1, keepdims=True) * x_axis
     y_axis = upward / np.linalg.norm(upward, axis=-1, keepdims=True)
     z_axis = np.cross(x_axis, y_axis)
-    rotation = np.stack([x_axis, y_axis, z_axis], axis=-1)  # columns are the face's axes
+    return points, np.stack([x_axis, y_axis, z_axis], axis=-1)
+
+
+def head_pose_from_landmarks(landmarks: np.ndarray, aspect: float = 1.0) -> np.ndarray:
+    """Yaw, pitch, roll in degrees for landmarks of shape (T, N>=468, 3) -> (T, 3); NaN rows stay NaN."""
+    _, rotation = face_frame(landmarks, aspect)
     # R = Ry(yaw) @ Rx(pitch) @ Rz(roll)
     yaw = np.arctan2(rotation[:, 0, 2], rotation[:, 2, 2])
     pitch = np.arcsin(np.clip(-rotation[:, 1, 2], -1.0, 1.0))
     roll = np.arctan2(rotation[:, 1, 0], rotation[:, 1, 1])
     return np.degrees(np.stack([yaw, pitch, roll], axis=-1)).astype(np.float32)
+
+
+def frontalise(landmarks: np.ndarray, aspect: float = 1.0) -> np.ndarray:
+    """Landmarks rotated into the face's own frame (x across to the face's left, y up, z out of the face),
+    centred on the face: pose no longer changes the geometry, only expression does. (T, N, 3)."""
+    points, rotation = face_frame(landmarks, aspect)
+    centred = points - points.mean(axis=1, keepdims=True)  # NaN frames stay NaN
+    return np.einsum("tnk,tkj->tnj", centred, rotation)
 
 
 def rotation_matrix(yaw_deg: float, pitch_deg: float, roll_deg: float) -> np.ndarray:
