@@ -6,6 +6,12 @@ progress stage by stage, model stages can later batch across clips, and stages t
 ``preprocess.pipeline``, which does the caching, so a re-run with nothing changed does no stage work and a
 killed run resumes where it stopped.
 
+After filter-and-split, the audio and emotion stages are mapped over the kept pieces, one task per stage
+(separate-vocals, transcribe, text-emotion, speech-emotion, valence-arousal, wav2vec). The model stages carry
+the ``gpu`` tag (``prefect concurrency-limit create gpu 1`` serialises them on one GPU). Each loads its model
+once per worker process (``preprocess.audio_models``) and batches within a clip (never across clips, so that
+a clip's numbers do not depend on which clips shared its batch and a resumed run stays byte-identical).
+
 Callable without a server, as a plain function::
 
     from flows.preprocess import preprocess
@@ -32,12 +38,18 @@ from preprocess.pipeline import (
     run_locate,
     run_probe,
     run_select,
+    run_separate,
+    run_speech_emotion,
     run_standardise,
+    run_text_emotion,
+    run_transcribe,
+    run_valence_arousal,
+    run_wav2vec,
     start_job,
 )
 from preprocess.records import Candidate
 from preprocess.settings import PreprocessSettings, load_settings
-from preprocess.write_outputs import write_outputs
+from preprocess.write_outputs import TINY_MODELS_WARNING, tiny_model_stages, write_outputs
 
 SUMMARY_FILE = "summary.json"
 
@@ -75,6 +87,39 @@ def select_task(job: ClipJob, settings: PreprocessSettings, out_dir: str) -> lis
     return run_select(job, settings, Workspace(Path(out_dir)))
 
 
+_model_stage = {**_stage, "tags": ["gpu"]}
+
+
+@task(name="separate-vocals", **_model_stage)
+def separate_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
+    return run_separate(piece, settings, Workspace(Path(out_dir)))
+
+
+@task(name="transcribe", **_model_stage)
+def transcribe_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
+    return run_transcribe(piece, settings, Workspace(Path(out_dir)))
+
+
+@task(name="text-emotion", **_model_stage)
+def text_emotion_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
+    return run_text_emotion(piece, settings, Workspace(Path(out_dir)))
+
+
+@task(name="speech-emotion", **_model_stage)
+def speech_emotion_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
+    return run_speech_emotion(piece, settings, Workspace(Path(out_dir)))
+
+
+@task(name="valence-arousal", **_model_stage)
+def valence_arousal_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
+    return run_valence_arousal(piece, settings, Workspace(Path(out_dir)))
+
+
+@task(name="wav2vec", **_model_stage)
+def wav2vec_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
+    return run_wav2vec(piece, settings, Workspace(Path(out_dir)))
+
+
 @flow(name="process-clips", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def process_clips(candidates: list[Candidate], settings: PreprocessSettings, out_dir: str) -> list[PieceOutcome]:
     jobs = start_task.map(candidates, unmapped(out_dir))
@@ -84,7 +129,14 @@ def process_clips(candidates: list[Candidate], settings: PreprocessSettings, out
     jobs = standardise_task.map(jobs, *args)
     jobs = faces_task.map(jobs, *args)
     selected = select_task.map(jobs, *args)
-    return [outcome for future in selected for outcome in future.result()]
+    outcomes = [outcome for future in selected for outcome in future.result()]
+    kept = [outcome for outcome in outcomes if outcome.kept]
+    if not kept:
+        return outcomes
+    pieces = separate_task.map(kept, *args)
+    for audio_task in (transcribe_task, text_emotion_task, speech_emotion_task, valence_arousal_task, wav2vec_task):
+        pieces = audio_task.map(pieces, *args)
+    return [outcome for outcome in outcomes if not outcome.kept] + [future.result() for future in pieces]
 
 
 @flow(name="preprocess", log_prints=True)
@@ -120,6 +172,8 @@ def preprocess(
         candidates = candidates[:limit]
     logger.info("%d candidate clips from %s (%s), %d annotation issues; output in %s",
                 len(candidates), raw_dir, dataset, len(issues), out)
+    if tiny_model_stages(settings):
+        logger.warning(TINY_MODELS_WARNING + " (stages: %s)", ", ".join(tiny_model_stages(settings)))
     removed = Workspace(out).cache.remove_leftovers()
     if removed:
         logger.info("removed %d unfinished work directories left by an interrupted run", removed)

@@ -6,17 +6,25 @@ it through untouched. Each stage's cache key hashes the upstream key, the stage'
 ``STAGE_VERSIONS`` number (bump it when a stage's code changes its output), so a changed threshold only
 re-runs the stages that read it. An unexpected exception inside a stage becomes an ``error`` rejection for
 that clip (not cached, so the next run retries it) instead of stopping the run.
+
+The audio stages (``run_separate`` ... ``run_wav2vec``) run on each kept piece after filter-and-split. Their
+keys hash the piece's content key (or the upstream audio stage's key), the stage's settings and the model
+reference (``ModelChoice`` fingerprint); a model is loaded only inside ``compute``, so a cached re-run never
+loads one. Their results (the JSON the stage returned, plus ``key`` and ``dir``) accumulate in
+``PieceOutcome.audio``; a crash in one rejects the piece with reason ``error`` (retried next run).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from preprocess.audio_models import is_tiny_reference, load_model
 from preprocess.cache import StageCache, file_fingerprint, stable_hash
 from preprocess.crop import choose_crop_box
 from preprocess.cut import cut_piece
@@ -26,12 +34,21 @@ from preprocess.filters import PieceStats, judge_piece, piece_stats, plan_pieces
 from preprocess.locate import FaceSurvey, survey_faces
 from preprocess.probe import probe_video
 from preprocess.records import Candidate, CropBox, ProbeResult, Rejection
-from preprocess.settings import PreprocessSettings
-from preprocess.standardise import StandardisedClip, standardise_clip
+from preprocess.separate import separate_vocals
+from preprocess.settings import ModelChoice, PreprocessSettings
+from preprocess.speech_emotion import classify_speech
+from preprocess.standardise import AUDIO_FILE, StandardisedClip, standardise_clip
+from preprocess.text_emotion import score_transcript
+from preprocess.transcribe import transcribe_vocals
+from preprocess.valence_arousal import valence_arousal_windows
+from preprocess.wav2vec_features import wav2vec_frames
 
 log = logging.getLogger(__name__)
 
-STAGE_VERSIONS = {"probe": 1, "locate": 1, "standardise": 1, "faces": 1, "pieces": 1}
+STAGE_VERSIONS = {"probe": 1, "locate": 1, "standardise": 1, "faces": 1, "pieces": 1, "separate": 1,
+                  "transcribe": 1, "text_emotion": 1, "speech_emotion": 1, "valence_arousal": 1, "wav2vec": 1}
+# The per-piece audio stages, in the order they run (also their stage_timings / clips-table names).
+AUDIO_STAGES = ("separate", "transcribe", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec")
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,7 @@ class PieceOutcome:
     files_dir: str | None = None  # directory holding clip.mp4, clip.wav, landmarks.npy, pose.npy
     content_key: str | None = None
     timings: tuple[StageTiming, ...] = field(default=())
+    audio: dict[str, dict] = field(default_factory=dict)  # audio stage -> its stored result + "key" + "dir"
 
     @property
     def kept(self) -> bool:
@@ -244,6 +262,127 @@ def _cut(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspa
         clip_dir, faces_dir, job.standardised.n_frames, outcome.frames, settings.standardise, out_dir))
     return replace(outcome, files_dir=str(workspace.cache.entry_dir("pieces", key)), content_key=key,
                    timings=(StageTiming("cut", stored["seconds"], cached),))
+
+
+def _model_identity(choice: ModelChoice) -> str:
+    """What a stage key knows of its model: the reference, revision, device and dtype; for a tiny model also
+    the version of the tiny-model builder (they are rebuilt from code, not downloaded)."""
+    if is_tiny_reference(choice.model):
+        from synchrorama.tiny_models import VERSION
+
+        return f"{choice.fingerprint()}:tiny-v{VERSION}"
+    return choice.fingerprint()
+
+
+def _run_audio_stage(stage: str, outcome: PieceOutcome, workspace: Workspace, key_parts: list,
+                     compute) -> PieceOutcome:
+    """Run one cached audio stage on a kept piece; a crash rejects the piece (``error``, not cached)."""
+    if not outcome.kept:
+        return outcome
+    try:
+        key = stable_hash(stage, STAGE_VERSIONS[stage], *key_parts)
+        stored, cached = workspace.cache.run(stage, key, compute)
+    except Exception as error:  # a bad clip must never stop the run
+        log.error("stage %s crashed on %s:\n%s", stage, outcome.clip_id, traceback.format_exc())
+        return replace(outcome, rejection=Rejection(stage, "error", f"{type(error).__name__}: {error}"))
+    # the JSON round trip makes a fresh result look exactly like a cached one (tuples become lists)
+    entry = {**json.loads(json.dumps(stored)), "key": key, "dir": str(workspace.cache.entry_dir(stage, key))}
+    return replace(outcome, audio={**outcome.audio, stage: entry},
+                   timings=outcome.timings + (StageTiming(stage, stored["seconds"], cached),))
+
+
+def _vocals(outcome: PieceOutcome) -> Path:
+    separated = outcome.audio["separate"]
+    return Path(separated["dir"]) / separated["vocals"]
+
+
+def run_separate(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    choice = settings.models.separation
+
+    def compute(out_dir: Path) -> dict:
+        return asdict(separate_vocals(Path(outcome.files_dir) / AUDIO_FILE, load_model("separation", choice),
+                                      settings.audio.separation, out_dir))
+
+    return _run_audio_stage("separate", outcome, workspace, [
+        outcome.content_key, settings.audio.separation.fingerprint(), _model_identity(choice)], compute)
+
+
+def run_transcribe(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    choice = settings.models.transcription
+
+    def compute(_: Path) -> dict:
+        return transcribe_vocals(_vocals(outcome), outcome.audio["separate"]["has_speech"],
+                                 load_model("transcription", choice), settings.audio.transcription).as_json()
+
+    return _run_audio_stage("transcribe", outcome, workspace, [
+        outcome.audio.get("separate", {}).get("key"), settings.audio.transcription.fingerprint(),
+        _model_identity(choice)], compute)
+
+
+def run_text_emotion(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    choice = settings.models.text_emotion
+
+    def compute(out_dir: Path) -> dict:
+        transcript = outcome.audio["transcribe"]
+        return asdict(score_transcript(transcript["text"], transcript["language"], transcript["status"],
+                                       load_model("text_emotion", choice), settings.audio.text_emotion, out_dir))
+
+    return _run_audio_stage("text_emotion", outcome, workspace, [
+        outcome.audio.get("transcribe", {}).get("key"), settings.audio.text_emotion.fingerprint(),
+        _model_identity(choice)], compute)
+
+
+def run_speech_emotion(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    choice = settings.models.speech_emotion
+
+    def compute(out_dir: Path) -> dict:
+        return asdict(classify_speech(_vocals(outcome), outcome.audio["separate"]["has_speech"],
+                                      load_model("speech_emotion", choice), out_dir))
+
+    return _run_audio_stage("speech_emotion", outcome, workspace, [
+        outcome.audio.get("separate", {}).get("key"), _model_identity(choice)], compute)
+
+
+def run_valence_arousal(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    choice = settings.models.valence_arousal
+
+    def compute(out_dir: Path) -> dict:
+        return asdict(valence_arousal_windows(_vocals(outcome), outcome.audio["separate"]["has_speech"],
+                                              load_model("valence_arousal", choice), settings.audio.valence_arousal,
+                                              choice.batch_size, out_dir))
+
+    return _run_audio_stage("valence_arousal", outcome, workspace, [
+        outcome.audio.get("separate", {}).get("key"), settings.audio.valence_arousal.fingerprint(),
+        _model_identity(choice)], compute)
+
+
+def run_wav2vec(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    choice = settings.models.wav2vec
+
+    def compute(out_dir: Path) -> dict:
+        n_frames = outcome.frames[1] - outcome.frames[0]
+        return asdict(wav2vec_frames(_vocals(outcome), n_frames, settings.standardise.fps,
+                                     load_model("wav2vec", choice), out_dir))
+
+    return _run_audio_stage("wav2vec", outcome, workspace, [
+        outcome.audio.get("separate", {}).get("key"), settings.standardise.fps, _model_identity(choice)], compute)
+
+
+AUDIO_STAGE_FUNCTIONS = {
+    "separate": run_separate,
+    "transcribe": run_transcribe,
+    "text_emotion": run_text_emotion,
+    "speech_emotion": run_speech_emotion,
+    "valence_arousal": run_valence_arousal,
+    "wav2vec": run_wav2vec,
+}
+
+
+def run_audio_stages(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    """Every audio stage in order, without Prefect (tests, benchmarks)."""
+    for stage in AUDIO_STAGES:
+        outcome = AUDIO_STAGE_FUNCTIONS[stage](outcome, settings, workspace)
+    return outcome
 
 
 def _encode(result) -> dict:

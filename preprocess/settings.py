@@ -3,7 +3,10 @@
 A *profile* is a named set of settings. ``default`` references the real models a user runs with;
 ``tiny`` references the small locally built models the tests and the offline demo use. The video stages of
 this pipeline use MediaPipe's bundled legacy solutions in both profiles (they ship inside the wheel, so
-"real" and "tiny" are the same there); the later model stages (Whisper, emotion models, captioning) differ.
+"real" and "tiny" are the same there); the audio model stages (Demucs, Whisper, the emotion models, wav2vec 2.0)
+differ: ``default`` names Hugging Face hub ids / Demucs and Whisper model names, ``tiny`` names randomly
+initialised models of the same classes under ``.models/tiny`` (built on first use by
+``synchrorama.tiny_models``), whose numbers mean nothing.
 
 Every field can be overridden per run: ``preprocess(..., overrides={"filters": {"max_abs_yaw_deg": 30}})``.
 """
@@ -79,11 +82,73 @@ class ShardSettings(_Section):
     max_bytes_per_shard: int = 1 << 30
 
 
+class ModelChoice(_Section):
+    """One model stage's model: what to load, and how to run it.
+
+    ``model`` is a hub id (Hugging Face for the transformers models), a Demucs or Whisper model name, or a local
+    path (a relative path is relative to the repository root, not to the working directory). ``device``:
+    ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda[:N]``. ``batch_size`` counts items of one clip
+    run together (windows, segments): clips are never batched together, so that a clip's numbers do not depend
+    on which other clips a run happened to hold (a resumed run must give identical outputs). ``dtype``:
+    ``float32``, ``float16`` or ``bfloat16`` (half precision only takes effect on CUDA).
+    """
+
+    model: str
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit); None: the default branch")
+    device: str = "auto"
+    batch_size: int = Field(8, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
 class ModelRefs(_Section):
-    """Which model produced what: recorded next to every output row."""
+    """Which model produced what: recorded next to every output row. The one place that names models."""
 
     face_mesh: str = "mediapipe.solutions.face_mesh (bundled, refine_landmarks)"
     face_detection: str = "mediapipe.solutions.face_detection (bundled, full-range model_selection=1)"
+    separation: ModelChoice = ModelChoice(model="htdemucs")  # Demucs v4 hybrid transformer (demucs package)
+    transcription: ModelChoice = ModelChoice(model="small")  # openai-whisper model name or checkpoint path
+    text_emotion: ModelChoice = ModelChoice(model="j-hartmann/emotion-english-distilroberta-base", batch_size=16)
+    speech_emotion: ModelChoice = ModelChoice(model="superb/hubert-large-superb-er")
+    valence_arousal: ModelChoice = ModelChoice(model="audeering/wav2vec2-large-robust-12-ft-emotion-msp-dim")
+    wav2vec: ModelChoice = ModelChoice(model="facebook/wav2vec2-base-960h")
+
+
+class SeparationSettings(_Section):
+    """Music/noise removal (Demucs) and the speech-activity check on the separated vocals."""
+
+    stem: str = Field("vocals", description="the Demucs source kept as the speech track")
+    overlap: float = Field(0.25, description="fraction of a segment shared by neighbouring segments (cross-faded)")
+    segment_s: float | None = Field(None, description="segment length in seconds; None: the model's own")
+    silence_peak_dbfs: float = Field(-60.0, description="input peak below this: silent, not separated")
+    activity_frame_ms: float = Field(30.0, description="frame length of the energy-based speech-activity check")
+    activity_frame_dbfs: float = Field(-45.0, description="vocals frame RMS above this counts as active")
+    min_speech_fraction: float = Field(0.05, description="fewer active frames than this: the clip has no speech")
+
+
+class TranscriptionSettings(_Section):
+    language: str | None = Field(None, description="force a language code (e.g. 'en'); None: Whisper detects it")
+    temperature_fallback: bool = Field(True, description="Whisper's re-decoding at higher temperatures on failure")
+    condition_on_previous_text: bool = True
+    no_speech_threshold: float = Field(0.6, description="Whisper drops a segment above this no-speech prob...")
+    logprob_threshold: float = Field(-1.0, description="...when its average log-prob is also below this")
+
+
+class TextEmotionSettings(_Section):
+    max_tokens: int = Field(512, description="longer transcripts are truncated (RoBERTa's context)")
+    english_only: bool = Field(True, description="the default model is English-only: other languages are flagged")
+
+
+class ValenceArousalSettings(_Section):
+    window_s: float = Field(2.0, description="window length in seconds; hop = window_s / 2 (50% overlap)")
+
+
+class AudioSettings(_Section):
+    """Parameters of the audio and emotion stages (their models are in ``ModelRefs``)."""
+
+    separation: SeparationSettings = SeparationSettings()
+    transcription: TranscriptionSettings = TranscriptionSettings()
+    text_emotion: TextEmotionSettings = TextEmotionSettings()
+    valence_arousal: ValenceArousalSettings = ValenceArousalSettings()
 
 
 class PreprocessSettings(BaseModel):
@@ -97,16 +162,39 @@ class PreprocessSettings(BaseModel):
     faces: FaceSettings = FaceSettings()
     filters: FilterSettings = FilterSettings()
     shards: ShardSettings = ShardSettings()
+    audio: AudioSettings = AudioSettings()
     models: ModelRefs = ModelRefs()
 
 
 ProfileName = Literal["default", "tiny"]
 
+# Where the tiny profile's models live (relative to the repository root; git-ignored, built on first use).
+TINY_MODELS_DIR = ".models/tiny"
+
 # Per-profile overrides of the defaults above. The tiny profile keeps the video stages identical (MediaPipe is
-# bundled) but uses a faster encoder preset so that tests and the demo finish quickly.
+# bundled) but uses a faster encoder preset so that tests and the demo finish quickly, and points every audio
+# model stage at a tiny random model. It forces English and turns off Whisper's temperature fallback: a random
+# Whisper would otherwise detect random languages (so no text would reach the text-emotion model) and re-decode
+# six times per window.
 PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
-    "tiny": {"standardise": {"preset": "ultrafast"}, "shards": {"max_samples_per_shard": 4}},
+    "tiny": {
+        "standardise": {"preset": "ultrafast"},
+        "shards": {"max_samples_per_shard": 4},
+        # A random Demucs' vocals are mostly above 8 kHz and vanish at 16 kHz (about -65 dBFS): a lower
+        # activity threshold lets speech clips reach the later stages, while digital silence stays silence.
+        "audio": {"separation": {"activity_frame_dbfs": -90.0},
+                  "transcription": {"language": "en", "temperature_fallback": False,
+                                    "condition_on_previous_text": False}},
+        "models": {
+            "separation": {"model": f"{TINY_MODELS_DIR}/htdemucs"},
+            "transcription": {"model": f"{TINY_MODELS_DIR}/whisper/tiny-random.pt"},
+            "text_emotion": {"model": f"{TINY_MODELS_DIR}/text-emotion"},
+            "speech_emotion": {"model": f"{TINY_MODELS_DIR}/speech-emotion"},
+            "valence_arousal": {"model": f"{TINY_MODELS_DIR}/valence-arousal"},
+            "wav2vec": {"model": f"{TINY_MODELS_DIR}/wav2vec2"},
+        },
+    },
 }
 
 

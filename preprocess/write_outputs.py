@@ -3,21 +3,40 @@
 Runs once per flow run, after all clips are done. Clips are ordered by ``clip_id`` before being assigned to
 shards, so the shards and tables depend only on the inputs and settings, not on which worker finished first;
 this is what makes a killed-and-resumed run byte-identical to an uninterrupted one.
+
+Kept clips also carry the audio stages' outputs: ``vocals.wav``, ``wav2vec.npy`` and the emotion inputs
+``emotion.npz`` (assembled here from the three emotion stages' arrays; a zip written with fixed time stamps,
+so that it is byte-identical from run to run), and one row each in ``transcripts``, ``text_emotion`` and ``speech_emotion`` plus one row per window in
+``va_windows``. With tiny models the summary says loudly that those numbers mean nothing.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from preprocess.audio_models import is_tiny_reference
 from preprocess.faces import LANDMARKS_FILE, POSE_FILE
-from preprocess.pipeline import PieceOutcome
+from preprocess.pipeline import AUDIO_STAGES, PieceOutcome
 from preprocess.records import AnnotationIssue
 from preprocess.settings import PreprocessSettings
 from preprocess.standardise import AUDIO_FILE, VIDEO_FILE
-from shards.schema import SCHEMA_VERSION
+from preprocess.text_emotion import TEXT_EMOTION_CLASSES
+from preprocess.valence_arousal import VA_FILE_COLUMNS
+from shards.schema import (
+    EMOTION_ARRAYS,
+    EMOTION_MEMBER,
+    EMOTION_VALID_ARRAYS,
+    SCHEMA_VERSION,
+    VOCALS_MEMBER,
+    WAV2VEC_MEMBER,
+)
 from shards.tables import (
     ANNOTATION_ISSUES_SCHEMA,
     ANNOTATION_ISSUES_TABLE,
@@ -25,14 +44,35 @@ from shards.tables import (
     CLIPS_TABLE,
     KEPT,
     REJECTED,
+    SPEECH_EMOTION_TABLE,
     STAGE_TIMINGS_SCHEMA,
     STAGE_TIMINGS_TABLE,
     TABLES_DIR,
+    TEXT_EMOTION_SCHEMA,
+    TEXT_EMOTION_TABLE,
+    TRANSCRIPTS_SCHEMA,
+    TRANSCRIPTS_TABLE,
+    VA_WINDOWS_SCHEMA,
+    VA_WINDOWS_TABLE,
+    speech_emotion_schema,
     write_table_atomic,
 )
 from shards.writer import ShardSample, write_shards
 
 SHARDS_DIR = "shards"
+PIECE_STAGES = ("cut", *AUDIO_STAGES)  # stages timed per piece (clip id), not per candidate
+AUDIO_MODEL_KINDS = ("separation", "transcription", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec")
+TINY_MODELS_WARNING = ("TINY RANDOM MODELS: transcripts, emotions, valence/arousal and wav2vec features in these "
+                       "outputs MEAN NOTHING (profile 'tiny' exercises the pipeline only)")
+
+
+def tiny_model_stages(settings: PreprocessSettings) -> list[str]:
+    """The audio model stages whose configured model is a tiny random one."""
+    return [kind for kind in AUDIO_MODEL_KINDS if is_tiny_reference(getattr(settings.models, kind).model)]
+
+
+def audio_model_refs(settings: PreprocessSettings) -> dict[str, str]:
+    return {kind: getattr(settings.models, kind).model for kind in AUDIO_MODEL_KINDS}
 
 
 @dataclass(frozen=True)
@@ -47,9 +87,13 @@ class RunSummary:
     reasons: dict[str, int]
     n_shards: int
     n_annotation_issues: int
+    audio_models: dict[str, str]
+    n_with_speech: int
+    warning: str | None  # set when tiny random models produced the audio features
 
     def as_text(self) -> str:
-        lines = [
+        lines = [f"WARNING: {self.warning}"] if self.warning else []
+        lines += [
             f"clips seen: {self.n_clips}  kept: {self.n_kept} ({self.kept_seconds:.1f} s of video)  "
             f"rejected: {self.n_rejected}",
         ]
@@ -59,7 +103,11 @@ class RunSummary:
             f"annotation issues recorded: {self.n_annotation_issues}",
             f"shards ({self.n_shards}): {self.shards_dir}",
             f"tables: {self.tables_dir}",
+            f"kept clips with speech in the vocals: {self.n_with_speech} of {self.n_kept}",
+            "audio models: " + ", ".join(f"{kind}={ref}" for kind, ref in self.audio_models.items()),
         ]
+        if self.warning:
+            lines.append(f"WARNING: {self.warning}")
         return "\n".join(lines)
 
 
@@ -86,10 +134,119 @@ def clip_metadata(outcome: PieceOutcome, settings: PreprocessSettings) -> dict:
         "gain_db": job.standardised.gain_db,
         "face_stats": outcome.stats.as_row(),
         "notes": list(job.notes),
-        "models": {"face_mesh": settings.models.face_mesh, "face_detection": settings.models.face_detection},
+        "models": {"face_mesh": settings.models.face_mesh, "face_detection": settings.models.face_detection,
+                   **audio_model_refs(settings)},
         "settings_profile": settings.profile,
         "schema_version": SCHEMA_VERSION,
+        **audio_metadata(outcome, settings),
     }
+
+
+def audio_metadata(outcome: PieceOutcome, settings: PreprocessSettings) -> dict:
+    """The ``audio`` and ``emotion`` entries of a kept clip's json: speech check, transcript, and the layout of
+    the emotion members, so that a trainer can split them without knowing the models."""
+    audio = outcome.audio
+    separated, transcript = audio["separate"], audio["transcribe"]
+    text, speech, va = audio["text_emotion"], audio["speech_emotion"], audio["valence_arousal"]
+    wav2vec = audio["wav2vec"]
+    return {
+        "audio": {
+            "has_speech": separated["has_speech"],
+            "speech_fraction": separated["speech_fraction"],
+            "separation_status": separated["status"],
+            "transcript": transcript["text"],
+            "language": transcript["language"],
+            "transcript_status": transcript["status"],
+            "wav2vec": {"shape": [wav2vec["n_frames"], wav2vec["n_layers"], wav2vec["hidden_size"]],
+                        "dtype": "float16", "alignment": "linear interpolation of 50 Hz features at frame centres"},
+        },
+        "emotion": {
+            "member": EMOTION_MEMBER,
+            "text": {"valid": text["status"] == "ok", "status": text["status"],
+                     "classes": list(TEXT_EMOTION_CLASSES), "embedding_dim": text["embedding_dim"]},
+            "ser": {"valid": speech["status"] == "ok", "status": speech["status"],
+                    "classes": list(speech["labels"]), "embedding_dim": speech["embedding_dim"]},
+            "va": {"valid": va["status"] == "ok", "status": va["status"],
+                   "columns": list(VA_FILE_COLUMNS), "embedding_dim": va["embedding_dim"],
+                   "window_s": va["window_s"], "hop_s": va["hop_s"], "n_windows": len(va["windows"])},
+        },
+    }
+
+
+def emotion_arrays(outcome: PieceOutcome) -> dict[str, np.ndarray]:
+    """The arrays of ``emotion.npz``: each stage's ``.npy`` split into probabilities/values and embedding."""
+    audio = outcome.audio
+    text, speech, va = audio["text_emotion"], audio["speech_emotion"], audio["valence_arousal"]
+    text_array = np.load(Path(text["dir"]) / text["file"])
+    speech_array = np.load(Path(speech["dir"]) / speech["file"])
+    va_array = np.load(Path(va["dir"]) / va["file"])
+    n_text, n_speech, n_va = len(TEXT_EMOTION_CLASSES), len(speech["labels"]), len(VA_FILE_COLUMNS)
+    parts = (text_array[:n_text], text_array[n_text:], speech_array[:n_speech], speech_array[n_speech:],
+             va_array[:, :n_va], va_array[:, n_va:])
+    valid = [np.uint8(result["status"] == "ok") for result in (text, speech, va)]
+    return {**{name: part.astype(np.float32) for name, part in zip(EMOTION_ARRAYS, parts, strict=True)},
+            **{name: np.asarray(flag) for name, flag in zip(EMOTION_VALID_ARRAYS, valid, strict=True)}}
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An uncompressed npz (what ``np.savez`` writes, readable by ``np.load``) with fixed zip time stamps:
+    ``np.savez`` stamps the current time, which would change the shard's bytes on every run."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            data = io.BytesIO()
+            np.save(data, array, allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), data.getvalue())
+    return buffer.getvalue()
+
+
+def audio_members(outcome: PieceOutcome) -> dict[str, Path | bytes]:
+    audio = outcome.audio
+    return {
+        VOCALS_MEMBER: Path(audio["separate"]["dir"]) / audio["separate"]["vocals"],
+        WAV2VEC_MEMBER: Path(audio["wav2vec"]["dir"]) / audio["wav2vec"]["file"],
+        EMOTION_MEMBER: npz_bytes(emotion_arrays(outcome)),
+    }
+
+
+def _embedding(result: dict, offset: int, row: int | None = None) -> list[float] | None:
+    """The embedding part of a stage's .npy (after ``offset`` leading values), or None for a flagged row."""
+    if result["status"] != "ok":
+        return None
+    array = np.load(Path(result["dir"]) / result["file"])
+    values = array[offset:] if row is None else array[row, offset:]
+    return values.astype(np.float32).tolist()
+
+
+def audio_rows(outcome: PieceOutcome) -> tuple[dict, dict, dict, list[dict]]:
+    """(transcripts row, text_emotion row, speech_emotion row, va_windows rows) of a kept clip."""
+    audio, clip_id = outcome.audio, outcome.clip_id
+    separated, transcript = audio["separate"], audio["transcribe"]
+    transcript_row = {
+        "clip_id": clip_id, "status": transcript["status"], "text": transcript["text"],
+        "language": transcript["language"], "avg_logprob": transcript["avg_logprob"],
+        "no_speech_prob": transcript["no_speech_prob"], "n_segments": len(transcript["segments"]),
+        "segments": [{key: segment[key] for key in ("start_s", "end_s", "text", "avg_logprob", "no_speech_prob")}
+                     for segment in transcript["segments"]],
+        "has_speech": separated["has_speech"], "speech_fraction": separated["speech_fraction"],
+        "vocals_rms_dbfs": separated["vocals_rms_dbfs"], "separation_status": separated["status"],
+        "separation_model": separated["model"], "model": transcript["model"],
+    }
+    text = audio["text_emotion"]
+    text_row = {"clip_id": clip_id, "status": text["status"], "language": transcript["language"],
+                **(text["probabilities"] or {}), "top_class": text["top_class"],
+                "embedding": _embedding(text, len(TEXT_EMOTION_CLASSES)), "model": text["model"]}
+    speech = audio["speech_emotion"]
+    speech_probabilities = (dict(zip(speech["labels"], speech["probabilities"], strict=True))
+                            if speech["probabilities"] else {})
+    speech_row = {"clip_id": clip_id, "status": speech["status"], **speech_probabilities,
+                  "top_class": speech["top_class"],
+                  "embedding": _embedding(speech, len(speech["labels"])), "model": speech["model"]}
+    va = audio["valence_arousal"]
+    va_rows = [{"clip_id": clip_id, "window_index": index, **window, "status": va["status"],
+                "embedding": _embedding(va, len(VA_FILE_COLUMNS), index), "model": va["model"]}
+               for index, window in enumerate(va["windows"])]
+    return transcript_row, text_row, speech_row, va_rows
 
 
 def clip_row(outcome: PieceOutcome, settings: PreprocessSettings, shard_of: dict[str, str]) -> dict:
@@ -148,6 +305,7 @@ def write_outputs(
     for outcome in kept:
         files = Path(outcome.files_dir)
         metadata = clip_metadata(outcome, settings)
+        audio_keys = ":".join(outcome.audio[stage]["key"] for stage in AUDIO_STAGES)
         samples.append(ShardSample(
             clip_id=outcome.clip_id,
             members={
@@ -156,8 +314,9 @@ def write_outputs(
                 "landmarks.npy": files / LANDMARKS_FILE,
                 "pose.npy": files / POSE_FILE,
                 "json": json.dumps(metadata, sort_keys=True).encode(),
+                **audio_members(outcome),
             },
-            content_key=f"{outcome.content_key}:{json.dumps(metadata, sort_keys=True)}",
+            content_key=f"{outcome.content_key}:{audio_keys}:{json.dumps(metadata, sort_keys=True)}",
         ))
     shards_dir = out_dir / SHARDS_DIR
     manifests = write_shards(samples, shards_dir, max_samples_per_shard=settings.shards.max_samples_per_shard,
@@ -172,13 +331,22 @@ def write_outputs(
         job_id = outcome.job.candidate.candidate_id
         timings = outcome.timings if job_id in seen_jobs else outcome.job.timings + outcome.timings
         seen_jobs.add(job_id)
-        timing_rows += [{"candidate_id": outcome.clip_id if timing.stage == "cut" else job_id,
+        timing_rows += [{"candidate_id": outcome.clip_id if timing.stage in PIECE_STAGES else job_id,
                          "stage": timing.stage, "seconds": timing.seconds, "cached": timing.cached}
                         for timing in timings]
     write_table_atomic(timing_rows, STAGE_TIMINGS_SCHEMA, tables_dir / STAGE_TIMINGS_TABLE,
                        ["candidate_id", "stage"])
     write_table_atomic([vars(issue) for issue in issues], ANNOTATION_ISSUES_SCHEMA,
                        tables_dir / ANNOTATION_ISSUES_TABLE, ["file", "line", "kind", "subject"])
+    rows = [audio_rows(outcome) for outcome in kept]
+    write_table_atomic([row[0] for row in rows], TRANSCRIPTS_SCHEMA, tables_dir / TRANSCRIPTS_TABLE, ["clip_id"])
+    write_table_atomic([row[1] for row in rows], TEXT_EMOTION_SCHEMA, tables_dir / TEXT_EMOTION_TABLE, ["clip_id"])
+    labels = tuple(kept[0].audio["speech_emotion"]["labels"]) if kept else ()
+    write_table_atomic([row[2] for row in rows], speech_emotion_schema(labels), tables_dir / SPEECH_EMOTION_TABLE,
+                       ["clip_id"])
+    write_table_atomic([window for row in rows for window in row[3]], VA_WINDOWS_SCHEMA,
+                       tables_dir / VA_WINDOWS_TABLE, ["clip_id", "window_index"])
+    tiny = tiny_model_stages(settings)
 
     reasons = Counter(outcome.rejection.reason for outcome in outcomes if outcome.rejection)
     return RunSummary(
@@ -186,4 +354,7 @@ def write_outputs(
         n_clips=len(outcomes), n_kept=len(kept), n_rejected=len(outcomes) - len(kept),
         kept_seconds=round(sum(outcome.stats.duration_s for outcome in kept), 2),
         reasons=dict(reasons), n_shards=len(manifests), n_annotation_issues=len(issues),
+        audio_models=audio_model_refs(settings),
+        n_with_speech=sum(1 for outcome in kept if outcome.audio["separate"]["has_speech"]),
+        warning=f"{TINY_MODELS_WARNING} (stages: {', '.join(tiny)})" if tiny else None,
     )

@@ -56,9 +56,23 @@ META_MEMBER = "json"
 REQUIRED_MEMBERS: tuple[str, ...] = (VIDEO_MEMBER, AUDIO_MEMBER, LANDMARKS_MEMBER, POSE_MEMBER, META_MEMBER)
 # Members that later stages add. Not exhaustive: the writer accepts any valid member name; this list
 # documents the known ones so that readers and validators agree on their meaning.
-WAV2VEC_MEMBER = "wav2vec.npy"  # audio features, one row per video frame
-VOCALS_MEMBER = "vocals.wav"  # the speech stem after source separation, 16 kHz mono PCM16
-OPTIONAL_MEMBERS: tuple[str, ...] = (WAV2VEC_MEMBER, VOCALS_MEMBER)
+WAV2VEC_MEMBER = "wav2vec.npy"  # float16 (T, L+1, H): wav2vec 2.0 hidden states of all layers, one row per frame
+VOCALS_MEMBER = "vocals.wav"  # the speech stem after source separation, 16 kHz mono PCM16, T * 640 samples
+# The emotion inputs of the paper's eq. 1 (E_t, E_ser, E_va): an uncompressed npz of float32 arrays named as
+# EMOTION_ARRAYS (the fields of model.emotion_embedding.EmotionFeatures) plus a uint8 0/1 scalar per part in
+# EMOTION_VALID_ARRAYS (0: no speech / no usable text, and the part's arrays are zeros). The json member's
+# "emotion" entry names the classes, the va columns, window and hop.
+EMOTION_MEMBER = "emotion.npz"
+EMOTION_ARRAYS: tuple[str, ...] = (
+    "text_probs",  # (7,) anger, disgust, fear, joy, neutral, sadness, surprise
+    "text_embedding",  # (D_t,) 768 for the default model
+    "speech_probs",  # (C,) in the SER model's label order (default neu, hap, ang, sad)
+    "speech_embedding",  # (D_ser,) 1024 for the default model
+    "va_values",  # (K, 3) valence, arousal, dominance per window (2 s, hop 1 s)
+    "va_embedding",  # (K, D_va) 1024 for the default model
+)
+EMOTION_VALID_ARRAYS: tuple[str, ...] = ("text_valid", "speech_valid", "va_valid")
+OPTIONAL_MEMBERS: tuple[str, ...] = (WAV2VEC_MEMBER, VOCALS_MEMBER, EMOTION_MEMBER)
 
 # The name each member gets in the dicts the reader yields. Members not listed here keep their name
 # without the extension (``wav2vec.npy`` -> ``wav2vec``).

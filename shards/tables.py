@@ -5,6 +5,13 @@
 - ``stage_timings.parquet``: one row per (candidate, stage): wall seconds of the run that computed the
   output, and whether this run re-used it from the cache.
 - ``annotation_issues.parquet``: every anomaly found in the dataset's annotation files.
+- ``transcripts.parquet``: one row per kept clip: Whisper's text, language and segments, and the speech
+  check on the Demucs vocals.
+- ``text_emotion.parquet``: one row per kept clip: 7 class probabilities of the transcript (null when flagged).
+- ``speech_emotion.parquet``: one row per kept clip: one probability column per class of the SER model.
+- ``va_windows.parquet``: one row per (kept clip, 2 s window, hop 1 s): arousal, dominance, valence.
+
+Every row of the audio tables names the model that produced it (``model``). See docs/tables.md.
 
 Rows are sorted by key so that the same inputs give the same tables, whatever order work finished in.
 """
@@ -22,6 +29,10 @@ TABLES_DIR = "tables"
 CLIPS_TABLE = "clips.parquet"
 STAGE_TIMINGS_TABLE = "stage_timings.parquet"
 ANNOTATION_ISSUES_TABLE = "annotation_issues.parquet"
+TRANSCRIPTS_TABLE = "transcripts.parquet"
+TEXT_EMOTION_TABLE = "text_emotion.parquet"
+SPEECH_EMOTION_TABLE = "speech_emotion.parquet"
+VA_WINDOWS_TABLE = "va_windows.parquet"
 
 KEPT, REJECTED = "kept", "rejected"
 
@@ -69,8 +80,15 @@ CLIPS_SCHEMA = pa.schema([
     ("standardise_s", pa.float64()),
     ("faces_s", pa.float64()),
     ("cut_s", pa.float64()),
+    ("separate_s", pa.float64()),
+    ("transcribe_s", pa.float64()),
+    ("text_emotion_s", pa.float64()),
+    ("speech_emotion_s", pa.float64()),
+    ("valence_arousal_s", pa.float64()),
+    ("wav2vec_s", pa.float64()),
 ])
-TIMING_COLUMNS = ("probe_s", "locate_s", "standardise_s", "faces_s", "cut_s")
+TIMING_COLUMNS = ("probe_s", "locate_s", "standardise_s", "faces_s", "cut_s", "separate_s", "transcribe_s",
+                  "text_emotion_s", "speech_emotion_s", "valence_arousal_s", "wav2vec_s")
 
 STAGE_TIMINGS_SCHEMA = pa.schema([
     ("candidate_id", pa.string()),
@@ -85,6 +103,70 @@ ANNOTATION_ISSUES_SCHEMA = pa.schema([
     ("kind", pa.string()),
     ("subject", pa.string()),
     ("detail", pa.string()),
+])
+
+
+TRANSCRIPT_SEGMENT = pa.struct([
+    ("start_s", pa.float64()),  # seconds from the clip start
+    ("end_s", pa.float64()),
+    ("text", pa.string()),
+    ("avg_logprob", pa.float64()),
+    ("no_speech_prob", pa.float64()),
+])
+
+TRANSCRIPTS_SCHEMA = pa.schema([
+    ("clip_id", pa.string()),
+    ("status", pa.string()),  # ok / empty / no_speech (not transcribed: no speech in the vocals)
+    ("text", pa.string()),  # "" unless status is ok
+    ("language", pa.string()),  # ISO 639-1 code from Whisper, null when not transcribed
+    ("avg_logprob", pa.float64()),  # duration-weighted mean of the segments' average token log-prob
+    ("no_speech_prob", pa.float64()),  # mean over segments
+    ("n_segments", pa.int32()),
+    ("segments", pa.list_(TRANSCRIPT_SEGMENT)),
+    ("has_speech", pa.bool_()),  # the speech-activity check on the vocals
+    ("speech_fraction", pa.float64()),  # 0-1 of 30 ms vocals frames above the activity threshold
+    ("vocals_rms_dbfs", pa.float64()),  # level of the separated vocals, dBFS (null: digital silence)
+    ("separation_status", pa.string()),  # separated / silent_input
+    ("separation_model", pa.string()),
+    ("model", pa.string()),  # Whisper model reference
+])
+
+TEXT_EMOTION_CLASS_COLUMNS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
+TEXT_EMOTION_SCHEMA = pa.schema([
+    ("clip_id", pa.string()),
+    ("status", pa.string()),  # ok / no_speech / empty_transcript / non_english (flagged: probabilities null)
+    ("language", pa.string()),
+    *[(name, pa.float64()) for name in TEXT_EMOTION_CLASS_COLUMNS],  # probabilities, sum to 1
+    ("top_class", pa.string()),
+    ("embedding", pa.list_(pa.float32())),  # final <s> hidden state (768 for the default model); null if flagged
+    ("model", pa.string()),
+])
+
+
+def speech_emotion_schema(labels: tuple[str, ...]) -> pa.Schema:
+    """One probability column per class of the SER model, named by the model's label (default model: neu,
+    hap, ang, sad)."""
+    return pa.schema([
+        ("clip_id", pa.string()),
+        ("status", pa.string()),  # ok / no_speech (probabilities null)
+        *[(label, pa.float64()) for label in labels],
+        ("top_class", pa.string()),
+        ("embedding", pa.list_(pa.float32())),  # mean-pooled last hidden state (1024 for HuBERT large)
+        ("model", pa.string()),
+    ])
+
+
+VA_WINDOWS_SCHEMA = pa.schema([
+    ("clip_id", pa.string()),
+    ("window_index", pa.int32()),
+    ("start_s", pa.float64()),  # seconds from the clip start; window k starts at k * hop_s
+    ("end_s", pa.float64()),  # start_s + window_s, or the clip's end for the last window
+    ("status", pa.string()),  # ok / no_speech (values null)
+    ("arousal", pa.float64()),  # model outputs, roughly 0-1
+    ("dominance", pa.float64()),
+    ("valence", pa.float64()),
+    ("embedding", pa.list_(pa.float32())),  # mean-pooled last hidden state (1024 for the default model)
+    ("model", pa.string()),
 ])
 
 

@@ -1,0 +1,250 @@
+"""Loading the audio stages' models: once per worker process, by model reference, with clear errors.
+
+``load_model(kind, choice)`` returns a ``LoadedModel`` from a process-wide cache keyed by (kind, model,
+revision, device, dtype); the first caller loads it (under a lock, so two threads never load the same model
+twice) and everyone after gets the same object. Stages call it per clip; the cost is paid once per process.
+
+A model reference (``ModelChoice.model``) is one of:
+- a local path (a relative path is taken from the repository root). A path inside the tiny models directory
+  (``.models/tiny``) that does not exist yet is built on the spot by ``synchrorama.tiny_models``;
+- a Hugging Face hub id (text/speech emotion, valence-arousal, wav2vec), read from the local hub cache when
+  ``HF_HUB_OFFLINE=1``;
+- a Demucs model name (``htdemucs``, ``htdemucs_ft``, ...) or an openai-whisper name (``tiny`` ... ``large-v3``),
+  read from (or, online, downloaded into) their usual caches.
+
+A model that cannot be found raises ``ModelNotFoundError`` naming the model, where it was looked for and how to
+get it. Whisper and Demucs runs hold ``LoadedModel.lock``: Whisper installs key/value-cache hooks on the shared
+module during decoding and Demucs bags move sub-models between devices, so neither is safe to run from two
+threads at once; the transformers models are (inference only, no state).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preprocess.settings import TINY_MODELS_DIR, ModelChoice
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_DIR = REPO_ROOT / TINY_MODELS_DIR
+
+KINDS = ("separation", "transcription", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec")
+
+
+class ModelNotFoundError(RuntimeError):
+    """A configured model is not available locally (and could not be fetched)."""
+
+
+@dataclass
+class LoadedModel:
+    kind: str
+    reference: str  # the model reference as configured (recorded in every output row)
+    model: Any
+    device: torch.device
+    dtype: torch.dtype
+    processor: Any = None  # tokenizer or feature extractor, when the model has one
+    is_tiny: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_cache: dict[tuple, LoadedModel] = {}
+_cache_lock = threading.Lock()
+_key_locks: dict[tuple, threading.Lock] = {}
+load_count: dict[str, int] = {}  # loads per kind in this process (tests check that a model loads once)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Half precision only on CUDA: on CPU it is slower and some kernels lack it."""
+    if device.type != "cuda":
+        return torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def local_path(reference: str) -> Path | None:
+    """The local path a reference names, or None when it is a hub id / model name."""
+    if reference.startswith(("/", "./", "../", "~")) or reference.startswith(".models"):
+        path = Path(reference).expanduser()
+        return path if path.is_absolute() else REPO_ROOT / path
+    return None
+
+
+def is_tiny_reference(reference: str) -> bool:
+    path = local_path(reference)
+    return path is not None and TINY_DIR in (path, *path.parents)
+
+
+def load_model(kind: str, choice: ModelChoice) -> LoadedModel:
+    """The loaded model for ``choice`` (see the module docstring); loads it on first use in this process."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; one of {KINDS}")
+    device = resolve_device(choice.device)
+    dtype = resolve_dtype(choice.dtype, device)
+    key = (kind, choice.model, choice.revision, str(device), str(dtype))
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+        key_lock = _key_locks.setdefault(key, threading.Lock())
+    with key_lock:
+        with _cache_lock:
+            if key in _cache:
+                return _cache[key]
+        loaded = _LOADERS[kind](choice, device, dtype)
+        loaded.is_tiny = is_tiny_reference(choice.model)
+        with _cache_lock:
+            _cache[key] = loaded
+            load_count[kind] = load_count.get(kind, 0) + 1
+        return loaded
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+def _ensure_local(kind: str, path: Path, how: str) -> Path:
+    if TINY_DIR in (path, *path.parents):
+        from synchrorama.tiny_models import build_tiny_models, is_built
+
+        if not is_built(TINY_DIR):  # missing, or built by an older version of the builder
+            build_tiny_models(TINY_DIR)
+    if not path.exists():
+        raise ModelNotFoundError(f"{kind} model not found: looked for the local path {path}. {how}")
+    return path
+
+
+def _hub_error(kind: str, reference: str, revision: str | None, error: Exception) -> ModelNotFoundError:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    return ModelNotFoundError(
+        f"{kind} model {reference!r} (revision {revision or 'default'}) not found: looked in the Hugging Face "
+        f"cache {HF_HUB_CACHE}{' (HF_HUB_OFFLINE=1: no download tried)' if offline else ' and on the hub'}. "
+        f"Get it on a machine with network access with `huggingface-cli download {reference}"
+        f"{' --revision ' + revision if revision else ''}` (then copy the cache, or set HF_HOME), point "
+        f"settings models.{kind}.model at a local directory, or use profile 'tiny' for offline tests "
+        f"({type(error).__name__}: {str(error)[:200]})")
+
+
+def _from_pretrained(kind: str, cls, choice: ModelChoice, **kwargs):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per model in every worker's log is noise
+    path = local_path(choice.model)
+    source = str(_ensure_local(kind, path, "Build tiny models with `python -m synchrorama.tiny_models DIR`, "
+                               "or save a model there with save_pretrained().")) if path else choice.model
+    try:
+        return cls.from_pretrained(source, revision=choice.revision, **kwargs)
+    except OSError as error:  # transformers' "not found / can't connect" errors are OSErrors
+        raise _hub_error(kind, choice.model, choice.revision, error) from error
+
+
+def _prepare(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _load_separation(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    path = local_path(choice.model)
+    if path is not None:
+        _ensure_local("separation", path, "Build tiny models with `python -m synchrorama.tiny_models DIR`.")
+        file = path / "model.pt" if path.is_dir() else path
+        package = torch.load(file, map_location="cpu", weights_only=True)
+        from demucs.htdemucs import HTDemucs
+
+        if package.get("class") != "HTDemucs":
+            raise ModelNotFoundError(f"separation model {file} is not a saved HTDemucs ({package.get('class')!r})")
+        model = HTDemucs(**package["kwargs"])
+        model.load_state_dict(package["state_dict"])
+    else:
+        from demucs.pretrained import get_model
+
+        try:
+            model = get_model(choice.model)
+        except Exception as error:  # demucs raises ValueError/URLError/ModelLoadingError depending on the case
+            hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
+            raise ModelNotFoundError(
+                f"separation model {choice.model!r} (Demucs) not found: looked in {hub_dir}. Get it on a machine "
+                f"with network access with `python -c \"from demucs.pretrained import get_model; "
+                f"get_model('{choice.model}')\"` and copy {hub_dir}, or use profile 'tiny' "
+                f"({type(error).__name__}: {str(error)[:200]})") from error
+    # Demucs runs in float32: its STFT path does not take half precision.
+    return LoadedModel("separation", choice.model, model.to(device).eval(), device, torch.float32)
+
+
+def _load_transcription(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    import whisper
+
+    path = local_path(choice.model)
+    if path is not None:
+        _ensure_local("transcription", path, "Save a checkpoint {'dims', 'model_state_dict'} there.")
+        model = whisper.load_model(str(path), device=device)
+    else:
+        root = Path(os.getenv("XDG_CACHE_HOME", Path.home() / ".cache")) / "whisper"
+        if choice.model not in whisper.available_models():
+            raise ModelNotFoundError(f"transcription model {choice.model!r} is not a Whisper model name "
+                                     f"({', '.join(whisper.available_models())}) nor a local checkpoint path")
+        try:
+            model = whisper.load_model(choice.model, device=device, download_root=str(root))
+        except Exception as error:  # urllib errors offline
+            raise ModelNotFoundError(
+                f"transcription model {choice.model!r} (openai-whisper) not found: looked in {root}. Get it on a "
+                f"machine with network access with `python -c \"import whisper; whisper.load_model("
+                f"'{choice.model}')\"` and copy {root}, or use profile 'tiny' "
+                f"({type(error).__name__}: {str(error)[:200]})") from error
+    # Whisper keeps its weights in float32 and casts inside decoding (fp16=True on CUDA).
+    return LoadedModel("transcription", choice.model, model.eval(), device,
+                       torch.float16 if dtype == torch.float16 else torch.float32)
+
+
+def _load_text_emotion(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = _from_pretrained("text_emotion", AutoTokenizer, choice)
+    model = _from_pretrained("text_emotion", AutoModelForSequenceClassification, choice)
+    return LoadedModel("text_emotion", choice.model, _prepare(model, device, dtype), device, dtype, tokenizer)
+
+
+def _load_speech_emotion(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
+
+    extractor = _from_pretrained("speech_emotion", AutoFeatureExtractor, choice)
+    model = _from_pretrained("speech_emotion", AutoModelForAudioClassification, choice)
+    return LoadedModel("speech_emotion", choice.model, _prepare(model, device, dtype), device, dtype, extractor)
+
+
+def _load_valence_arousal(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoFeatureExtractor
+
+    from preprocess.va_model import EmotionModel
+
+    extractor = _from_pretrained("valence_arousal", AutoFeatureExtractor, choice)
+    model = _from_pretrained("valence_arousal", EmotionModel, choice)
+    return LoadedModel("valence_arousal", choice.model, _prepare(model, device, dtype), device, dtype, extractor)
+
+
+def _load_wav2vec(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoFeatureExtractor, Wav2Vec2Model
+
+    extractor = _from_pretrained("wav2vec", AutoFeatureExtractor, choice)
+    model = _from_pretrained("wav2vec", Wav2Vec2Model, choice)
+    return LoadedModel("wav2vec", choice.model, _prepare(model, device, dtype), device, dtype, extractor)
+
+
+_LOADERS = {
+    "separation": _load_separation,
+    "transcription": _load_transcription,
+    "text_emotion": _load_text_emotion,
+    "speech_emotion": _load_speech_emotion,
+    "valence_arousal": _load_valence_arousal,
+    "wav2vec": _load_wav2vec,
+}

@@ -1,0 +1,71 @@
+"""Stage: wav2vec 2.0 features of the vocals track, one vector set per 25 fps video frame.
+
+Model: ``Wav2Vec2Model`` (default ``facebook/wav2vec2-base-960h``), run once over the whole clip after the
+checkpoint's feature extractor (normalisation), with ``output_hidden_states``: the feature projection output
+plus every transformer layer, ``L + 1`` vectors of size H per 20 ms step (13 x 768 for the base model).
+
+Alignment to video frames: the convolutional encoder has a stride of 320 samples (20 ms, 50 Hz) and a
+receptive field of 400 samples, so feature i is centred at ``(320 i + 200) / 16000`` s and a clip of T frames
+(T x 640 samples) gives 2T - 1 features. Video frame j is centred at ``(j + 0.5) / 25`` s, i.e. at feature
+position ``2j + 0.375``; each frame's vectors are the linear interpolation of the two features around that
+position (clamped at the ends). The result has exactly T rows.
+
+Writes ``wav2vec.npy``: float16 ``(T, L + 1, H)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from preprocess.audio_io import read_mono
+from preprocess.audio_models import LoadedModel
+
+WAV2VEC_FILE = "wav2vec.npy"
+
+
+@dataclass(frozen=True)
+class Wav2VecFeatures:
+    file: str
+    n_frames: int
+    n_layers: int  # L + 1 (the projected CNN features and each transformer layer)
+    hidden_size: int
+    model: str
+
+
+def encoder_geometry(config) -> tuple[int, int]:
+    """(stride, receptive field) in samples of a wav2vec-style convolutional feature encoder."""
+    stride, field = 1, 1
+    for kernel, step in zip(config.conv_kernel, config.conv_stride, strict=True):
+        field += (kernel - 1) * stride
+        stride *= step
+    return stride, field
+
+
+def features_to_frames(features: np.ndarray, n_frames: int, samples_per_frame: int, stride: int,
+                       field: int) -> np.ndarray:
+    """Resample ``(T_feat, ...)`` encoder features to ``(n_frames, ...)`` at the video frames' centres."""
+    centres = (np.arange(n_frames) * samples_per_frame + samples_per_frame / 2 - field / 2) / stride
+    position = np.clip(centres, 0, len(features) - 1)
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, len(features) - 1)
+    weight = (position - low).reshape(-1, *([1] * (features.ndim - 1)))
+    return (1 - weight) * features[low] + weight * features[high]
+
+
+def wav2vec_frames(vocals_path: Path, n_frames: int, fps: int, loaded: LoadedModel, out_dir: Path) -> Wav2VecFeatures:
+    audio, sample_rate = read_mono(vocals_path)
+    samples_per_frame = sample_rate // fps
+    if len(audio) != n_frames * samples_per_frame:
+        raise ValueError(f"{vocals_path} has {len(audio)} samples, expected {n_frames} x {samples_per_frame}")
+    inputs = loaded.processor(audio, sampling_rate=sample_rate, return_tensors="pt")
+    with torch.inference_mode():
+        output = loaded.model(inputs["input_values"].to(loaded.device, loaded.dtype), output_hidden_states=True)
+    layers = torch.stack(output.hidden_states, dim=1)[0].float().cpu().numpy()  # (T_feat, L + 1, H)
+    stride, field = encoder_geometry(loaded.model.config)
+    frames = features_to_frames(layers, n_frames, samples_per_frame, stride, field).astype(np.float16)
+    np.save(out_dir / WAV2VEC_FILE, frames)
+    return Wav2VecFeatures(WAV2VEC_FILE, n_frames, frames.shape[1], frames.shape[2], loaded.reference)
