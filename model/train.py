@@ -1,0 +1,550 @@
+"""The SynchroRaMa training loop: one stage (``a2m``, ``stage1`` or ``stage2``) per run, in one file.
+
+    python -m model.train --config configs/train_tiny.toml --shards out/demo/shards --out out/train [key=value ...]
+    torchrun --nproc_per_node=8 -m model.train --config configs/train_stage2.toml --shards ... --out ...
+
+Settings are ``model/train_config.py``; data is ``shards/training_loader.py``; losses are
+``model/training_step.py``. Per optimizer step: ``grad_accum`` micro-batches (the DDP all-reduce runs only
+on the last one), bf16 autocast over fp32 master weights, gradient clipping, AdamW (fused on CUDA), warmup +
+cosine learning rate, EMA of the trained weights. Checkpoints (``out/checkpoints/step-NNNNNNN/``) hold the
+weights and the EMA as safetensors plus optimizer, scheduler, step, RNG states and each rank's data position,
+and are renamed into place only when complete; a restarted run continues from ``checkpoints/latest`` and
+produces exactly the losses it would have produced without the stop (on CPU; cuDNN/cuBLAS kernels may
+differ in the last bits on GPU). Validation videos from fixed inputs, made with the EMA weights, are saved
+inside each checkpoint. Logs: ``log.jsonl`` and TensorBoard under ``out/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.flop_counter import FlopCounterMode
+
+from model.audio_projection import resample_to_frames
+from model.batch import TrainingBatch
+from model.config import ModelConfig, config_for
+from model.denoising_unet import is_new_layer
+from model.emotion_embedding import EmotionFeatures
+from model.experts import LossExperts, load_expert_weights
+from model.schedule import train_scheduler
+from model.synchrorama import SynchroRamaModel
+from model.train_config import TrainConfig, parse_config
+from model.training_step import training_losses
+from shards.training_loader import EMOTION_ARRAYS, TrainingWindows, WindowSpec, data_loader
+
+log = logging.getLogger("model.train")
+
+# Dense bf16 peak per GPU (no sparsity), for MFU. Unknown GPUs: set gpu_peak_tflops.
+GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
+                        "RTX 4090": 165.0, "A6000": 155.0}
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The model's config with this run's window lengths, batch, lr and pixel-loss weights."""
+    model_cfg = config_for(cfg.model_size)
+    recipe = model_cfg.recipe
+    overrides = {name: value for name, value in (("sync", cfg.loss_sync), ("emo", cfg.loss_emo), ("au", cfg.loss_au),
+                                                 ("attr_action", cfg.loss_attr_action)) if value is not None}
+    recipe = dataclasses.replace(recipe, batch_size=cfg.batch_size, learning_rate=cfg.lr,
+                                 stage2_losses=dataclasses.replace(recipe.stage2_losses, **overrides))
+    return dataclasses.replace(
+        model_cfg, recipe=recipe,
+        clip_frames=model_cfg.clip_frames if cfg.clip_frames is None else cfg.clip_frames,
+        motion_frames=model_cfg.motion_frames if cfg.motion_frames is None else cfg.motion_frames)
+
+
+def frozen_parts(cfg: TrainConfig, model_cfg: ModelConfig, device):
+    """The pretrained, never-trained parts: SD VAE (pixels -> latents), wav2vec2 (audio -> features), experts.
+
+    The tiny model uses random stand-ins (``model/tiny_components.py``), built from the run's seed so that every
+    rank and every resumed run has the same ones."""
+    if cfg.model_size == "tiny":
+        from model.tiny_components import tiny_audio_encoder, tiny_vae
+        vae, audio_encoder = tiny_vae(model_cfg), tiny_audio_encoder(model_cfg)
+    else:
+        from diffusers import AutoencoderKL
+        from transformers import Wav2Vec2Model
+        if not cfg.vae or not cfg.wav2vec:
+            raise ValueError("the full model needs vae= and wav2vec= (local folders)")
+        vae = AutoencoderKL.from_pretrained(cfg.vae).requires_grad_(False)
+        audio_encoder = Wav2Vec2Model.from_pretrained(cfg.wav2vec).requires_grad_(False)
+    experts = LossExperts(model_cfg).requires_grad_(False)
+    if cfg.experts:
+        for name, module in experts.named_children():
+            load_expert_weights(module, str(Path(cfg.experts) / f"{name}.safetensors"))
+    elif cfg.stage == "stage2" and pixel_losses_on(model_cfg):
+        log.warning("stage 2 pixel losses are on but experts= is empty: the loss experts are untrained")
+    return vae.eval().to(device), audio_encoder.eval().to(device), experts.eval().to(device)
+
+
+def pixel_losses_on(model_cfg: ModelConfig) -> bool:
+    w = model_cfg.recipe.stage2_losses
+    return bool(w.sync or w.emo or w.au or w.attr_action)
+
+
+def trainable_summary(model: SynchroRamaModel, stage: str) -> str:
+    """Per component: parameters trained and frozen in this stage."""
+    rows = {}
+    for name, p in model.named_parameters():
+        component = name.split(".")[0]
+        if component == "denoiser":
+            component += " (new layers)" if is_new_layer(name) else " (image layers)"
+        trained, frozen = rows.get(component, (0, 0))
+        rows[component] = (trained + p.numel(), frozen) if p.requires_grad else (trained, frozen + p.numel())
+    lines = [f"stage {stage}: trainable / frozen parameters"]
+    lines += [f"  {c:<42} {t:>13,} trained {f:>13,} frozen" for c, (t, f) in sorted(rows.items())]
+    return "\n".join(lines)
+
+
+class Objective(nn.Module):
+    """The model plus its frozen helpers, so that DDP sees the whole loss computation as one forward."""
+
+    def __init__(self, model, vae, experts, scheduler, stage):
+        super().__init__()
+        self.model, self.vae, self.experts = model, vae, experts
+        self.scheduler, self.stage = scheduler, stage
+
+    def forward(self, batch: TrainingBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return training_losses(self.model, batch, self.scheduler, self.stage, self.vae, self.experts, generator)
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Factor on ``cfg.lr``: linear warmup, then cosine down to ``min_lr_ratio`` at ``max_steps``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------- batches on the device
+
+_warned: set[str] = set()
+
+
+def warn_once(what: str) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        log.warning(what)
+
+
+@torch.no_grad()
+def to_latents(vae, pixels: torch.Tensor, scale: float) -> torch.Tensor:
+    """uint8 ``(..., 3, S, S)`` -> scaled latents ``(..., 4, h, w)`` (posterior mean: no sampling noise)."""
+    flat = pixels.flatten(0, -4).float() / 127.5 - 1
+    latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in flat.split(16)]) * scale
+    return latents.float().unflatten(0, pixels.shape[:-3])  # fp32 targets even when encoded under bf16 autocast
+
+
+@torch.no_grad()
+def audio_features(audio_encoder, audio: torch.Tensor, frames: int) -> torch.Tensor:
+    """16 kHz waveforms ``(B, S)`` -> wav2vec2 states of all layers per video frame ``(B, frames, L, D)``."""
+    x = (audio - audio.mean(1, keepdim=True)) / (audio.std(1, keepdim=True) + 1e-7)  # the feature extractor's
+    states = torch.stack(audio_encoder(x, output_hidden_states=True).hidden_states, 1)  # (B, L, S', D)
+    return torch.stack([resample_to_frames(s.float(), frames) for s in states])
+
+
+def training_batch(raw: dict, cfg: TrainConfig, model_cfg: ModelConfig, vae, audio_encoder, device) -> TrainingBatch:
+    """Loader batch -> ``TrainingBatch`` on ``device``: VAE-encodes pixels and runs wav2vec2 when the shards had
+    no cached latents/features; missing emotion, AUs and description become zeros (logged once)."""
+    d, m, t = model_cfg.data, model_cfg.motion_frames, model_cfg.clip_frames
+    raw = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
+    b = raw["first_frame"].shape[0]
+    if "latents" in raw:
+        frames, reference = raw["latents"], raw["reference_latents"]
+    else:
+        frames, reference = to_latents(vae, raw["frames"], d.vae_scale), to_latents(vae, raw["reference"], d.vae_scale)
+    window = frames.shape[1]
+    zeros = lambda *shape: torch.zeros(b, *shape, device=device)  # noqa: E731
+    if "wav2vec" in raw and raw["wav2vec"].shape[-2:] != (d.wav2vec_layers, d.wav2vec_dim):
+        warn_once(f"cached wav2vec features are {tuple(raw['wav2vec'].shape[-2:])}, the model reads "
+                  f"{(d.wav2vec_layers, d.wav2vec_dim)}: computing them from the audio instead")
+        del raw["wav2vec"]
+    if "wav2vec" in raw:
+        features = raw["wav2vec"]
+    elif "audio" in raw:
+        features = audio_features(audio_encoder, raw["audio"], window)
+    else:  # stage 1 reads no audio
+        features = zeros(window, d.wav2vec_layers, d.wav2vec_dim)
+    if cfg.stage == "stage2":
+        for name, present in (("emotion inputs", "emotion.va_values" in raw), ("AUs", "aus" in raw),
+                              ("description embeddings", "description" in raw)):
+            if not present:
+                warn_once(f"shards have no {name}: training with zeros in their place")
+    emotion = stored_emotion(raw, model_cfg) if "emotion.va_values" in raw else None
+    if emotion is None:
+        emotion = EmotionFeatures(zeros(d.text_emotion_classes), zeros(d.text_emotion_dim),
+                                  zeros(d.speech_emotion_classes), zeros(d.speech_emotion_dim),
+                                  zeros(1, d.va_values), zeros(1, d.va_dim))
+    clip = frames[:, m:m + t]
+    return TrainingBatch(
+        latents=clip if clip.shape[1] else frames[:, :0],
+        motion_latents=frames[:, :m],
+        reference_latents=reference,
+        audio_features=features,
+        description=raw.get("description", zeros(d.text_tokens, d.text_dim)),
+        emotion=emotion,
+        aus=raw.get("aus", zeros(t, d.au_count)),
+        first_frame=raw["first_frame"],
+    )
+
+
+def stored_emotion(raw: dict, model_cfg: ModelConfig) -> EmotionFeatures | None:
+    """The ``emotion.npz`` arrays as ``EmotionFeatures``; None (with a warning) if their sizes are not the
+    model's, e.g. shards made with the tiny profile read by the full model."""
+    d = model_cfg.data
+    emotion = EmotionFeatures(*(raw[f"emotion.{name}"] for name in EMOTION_ARRAYS))
+    sizes = tuple(t.shape[-1] for t in vars(emotion).values())
+    expected = (d.text_emotion_classes, d.text_emotion_dim, d.speech_emotion_classes, d.speech_emotion_dim,
+                d.va_values, d.va_dim)
+    if sizes != expected:
+        warn_once(f"emotion inputs have sizes {sizes}, the model reads {expected}: training with zeros instead")
+        return None
+    return emotion
+
+
+# ------------------------------------------------------------------------------ checkpoints and EMA
+
+
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(directory: Path, step: int, model, ema: dict, optimizer, scheduler, positions: list,
+                    cfg: TrainConfig, write_samples) -> Path:
+    """Write ``directory/step-NNNNNNN`` under a temp name, then rename it and point ``latest`` at it."""
+    final = directory / f"step-{step:07d}"
+    temp = directory / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, temp / "model.safetensors")
+    save_file({k: v.contiguous().cpu() for k, v in ema.items()}, temp / "ema.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "rng": rng_states(), "data_positions": positions}, temp / "training_state.pt")
+    (temp / "state.json").write_text(json.dumps({"step": step, "data_positions": positions,
+                                                 "config": dataclasses.asdict(cfg)}, indent=1))
+    write_samples(temp / "samples")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(temp, final)
+    latest = directory / ".latest.tmp"
+    latest.write_text(final.name)
+    os.replace(latest, directory / "latest")
+    kept = sorted(p for p in directory.glob("step-*") if p.is_dir())
+    for old in kept[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    pointer = directory / "latest"
+    return directory / pointer.read_text().strip() if pointer.exists() else None
+
+
+@contextlib.contextmanager
+def ema_weights(model: nn.Module, ema: dict):
+    """Swap the EMA into the trained parameters for validation, then put the trained values back."""
+    parameters = dict(model.named_parameters())
+    backup = {name: parameters[name].detach().clone() for name in ema}
+    with torch.no_grad():
+        for name, value in ema.items():
+            parameters[name].copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in backup.items():
+                parameters[name].copy_(value)
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def video_config(cfg: TrainConfig, model_cfg: ModelConfig) -> ModelConfig:
+    """The config that validation videos are made with: stage 1 trains on image pairs (no motion frames), but
+    its videos, like the model's, are clips after motion frames, so it takes the model size's defaults."""
+    if model_cfg.motion_frames > 0:
+        return model_cfg
+    base = config_for(cfg.model_size)
+    return dataclasses.replace(model_cfg, clip_frames=base.clip_frames, motion_frames=base.motion_frames)
+
+
+def validation_inputs(cfg: TrainConfig, model_cfg: ModelConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Fixed (reference image, audio) pairs: the first clips of the shards, unshuffled, same every time."""
+    if cfg.val_samples <= 0:
+        return []
+    frames = cfg.val_frames or 2 * video_config(cfg, model_cfg).clip_frames
+    spec = WindowSpec("stage2", clip_frames=frames, motion_frames=0, image_size=model_cfg.data.image_size,
+                      prefer_cached=False)
+    windows = TrainingWindows(cfg.shard_urls(), spec, batch_size=1, seed=cfg.seed, shuffle_buffer=0)
+    inputs = []
+    for batch in windows:
+        inputs.append((batch["reference"][0].permute(1, 2, 0).numpy(), batch["audio"][0].numpy()))
+        if len(inputs) == cfg.val_samples:
+            break
+    return inputs
+
+
+def validation_videos(model, vae, audio_encoder, inputs, steps: int, out: Path, video_cfg: ModelConfig) -> None:
+    from model.pipeline import TalkingFacePipeline
+
+    if not inputs:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    pipeline = TalkingFacePipeline(model, vae, audio_encoder)
+    pipeline.cfg = video_cfg  # clip and motion frames of the videos (the networks do not depend on them)
+    for i, (image, audio) in enumerate(inputs):
+        pipeline(image, audio, num_inference_steps=steps or None, seed=i).save(out / f"sample-{i}.mp4")
+    model.train(was_training)
+
+
+# ------------------------------------------------------------------------------------------- loop
+
+
+@dataclasses.dataclass
+class TrainResult:
+    records: list[dict]  # what this process logged (rank 0 also wrote them to out/log.jsonl)
+    model: SynchroRamaModel
+    ema: dict[str, torch.Tensor]
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run one stage from ``cfg`` (resuming from ``out/checkpoints/latest`` when there is one)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    distributed = "RANK" in os.environ
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if distributed:
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local_rank = 0, 1, 0
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    autocast = cfg.autocast if cfg.autocast != "auto" else ("bf16" if cuda else "fp32")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast == "bf16" else contextlib.nullcontext()
+    master = rank == 0
+    out = Path(cfg.out)
+    checkpoints = out / "checkpoints"
+
+    # Model, frozen parts and the stage's trainable set; the same seed on every rank gives the same weights.
+    torch.manual_seed(cfg.seed)
+    model_cfg = model_config(cfg)
+    model = SynchroRamaModel.from_image_unet(model_cfg, cfg.image_unet) if cfg.image_unet else SynchroRamaModel(model_cfg)
+    if cfg.init_from:
+        model.load_state_dict(load_file(str(Path(cfg.init_from) / "model.safetensors")))
+    vae, audio_encoder, experts = frozen_parts(cfg, model_cfg, device)
+    trainable = model.set_stage(cfg.stage)
+    trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if master:
+        log.info(trainable_summary(model, cfg.stage))
+    if cfg.gradient_checkpointing:
+        model.denoiser.unet.enable_gradient_checkpointing()
+        model.reference_net.unet.enable_gradient_checkpointing()
+    model.to(device).train()
+    if cfg.compile:
+        model.denoiser.compile()
+    objective = Objective(model, vae, experts, train_scheduler(model_cfg.recipe), cfg.stage)
+    if distributed:
+        objective = DistributedDataParallel(objective, device_ids=[local_rank] if cuda else None,
+                                            broadcast_buffers=False)
+
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay, fused=cuda)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(step, cfg))
+    parameters = dict(model.named_parameters())
+    ema = {name: parameters[name].detach().clone().float() for name in trainable_names}
+
+    # Resume: weights, EMA, optimizer, schedule, RNG and this rank's data position.
+    step, positions = 0, {}
+    resume_from = latest_checkpoint(checkpoints) if cfg.resume else None
+    if resume_from is not None:
+        model.load_state_dict(load_file(str(resume_from / "model.safetensors")))
+        ema = {k: v.to(device) for k, v in load_file(str(resume_from / "ema.safetensors")).items()}
+        state = torch.load(resume_from / "training_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        set_rng_states(state["rng"])
+        positions = state["data_positions"][rank]
+        if master:
+            log.info(f"resumed from {resume_from} at step {step}")
+
+    # Data: this rank's share of the shards; a resumed worker skips what it had consumed.
+    spec = WindowSpec(cfg.stage, model_cfg.clip_frames, model_cfg.motion_frames, model_cfg.data.image_size,
+                      cfg.prefer_cached)
+    workers = max(1, cfg.num_workers)
+    consumed = {int(w): p for w, p in positions.get("workers", {}).items()}
+    batches_seen = positions.get("batches", 0)
+    dataset = TrainingWindows(cfg.shard_urls(), spec, cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                              rank=rank, world_size=world, start_positions=consumed, worker_offset=batches_seen % workers)
+    batches = iter(data_loader(dataset, cfg.num_workers))
+    if cfg.overfit_batches:  # a loop that cannot overfit a few fixed batches has a bug
+        batches = itertools.cycle(list(itertools.islice(batches, cfg.overfit_batches)))
+    val_inputs = validation_inputs(cfg, model_cfg) if master else []
+
+    def data_positions() -> list:
+        mine = {"batches": batches_seen, "workers": {str(w): p for w, p in consumed.items()}}
+        if not distributed:
+            return [mine]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
+    def checkpoint() -> None:
+        every_position = data_positions()  # a collective: every rank takes part
+        if master:
+            def samples(folder):
+                with ema_weights(model, ema):
+                    validation_videos(model, vae, audio_encoder, val_inputs, cfg.val_steps, folder,
+                                      video_config(cfg, model_cfg))
+            path = save_checkpoint(checkpoints, step, model, ema, optimizer, scheduler, every_position, cfg, samples)
+            log.info(f"checkpoint {path}")
+        if distributed:
+            dist.barrier()
+
+    writer = None
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out / "tensorboard"))
+    records = []
+    flops_per_step = None
+    peak_tflops = cfg.gpu_peak_tflops or next((v for k, v in GPU_BF16_PEAK_TFLOPS.items()
+                                               if cuda and k in torch.cuda.get_device_name(device)), 0.0)
+    frames_per_sample = spec.frames
+    last_step = min(cfg.stop_at_step or cfg.max_steps, cfg.max_steps)
+    window_time = window_wait = window_samples = window_produce = 0.0
+
+    while step < last_step:
+        started = time.perf_counter()
+        # The step's randomness (noise, timesteps, guidance dropout, A2M sampling) depends only on the seed, the
+        # step and the rank, so a resumed run draws exactly what an uninterrupted one would.
+        # Overfitting repeats each batch with the same noise too: a truly fixed batch.
+        draw = step % cfg.overfit_batches if cfg.overfit_batches else step
+        torch.manual_seed(cfg.seed * 1_000_003 + draw * 1009 + rank)
+        totals: dict[str, float] = {}
+        wait = 0.0
+        for micro in range(cfg.grad_accum):
+            fetch = time.perf_counter()
+            raw = dict(next(batches))
+            wait += time.perf_counter() - fetch
+            batches_seen += 1
+            worker, position = (int(v) for v in raw.pop("position"))
+            consumed[worker] = position
+            window_produce += float(raw.pop("produce_s"))
+            with amp:
+                batch = training_batch(raw, cfg, model_cfg, vae, audio_encoder, device)
+            generator = torch.Generator().manual_seed(cfg.seed * 7919 + draw * 131 + micro * 17 + rank)
+            last_micro = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if (not distributed or last_micro) else objective.no_sync()
+            # FLOPs of one micro-step forward + backward, counted once; only for MFU, which needs a GPU's peak
+            counting = flops_per_step is None and micro == 0 and bool(peak_tflops)
+            counter = FlopCounterMode(display=False) if counting else contextlib.nullcontext()
+            with sync, counter:
+                with amp:
+                    losses = objective(batch, generator)
+                (losses["total"] / cfg.grad_accum).backward()
+            if counting:
+                flops_per_step = counter.get_total_flops() * cfg.grad_accum
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short warm-up so early EMA is not the init
+            for name in trainable_names:
+                ema[name].lerp_(parameters[name].detach().float(), 1 - decay)
+        step += 1
+        if cuda:
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - started
+        window_time += elapsed
+        window_wait += wait
+        window_samples += cfg.batch_size * cfg.grad_accum
+
+        if step % cfg.log_every == 0 or step == last_step:
+            if distributed:  # losses averaged over ranks for the log (the gradients already were)
+                names = sorted(totals)
+                values = torch.tensor([totals[n] for n in names], dtype=torch.float64)
+                dist.all_reduce(values)
+                totals = {n: float(v) / world for n, v in zip(names, values, strict=True)}
+            samples_per_s = window_samples * world / window_time
+            record = {
+                "step": step, "stage": cfg.stage, **{f"loss/{k}": v for k, v in totals.items()},
+                "grad_norm": grad_norm, "lr": lr,
+                "samples_per_s": samples_per_s, "frames_per_s": samples_per_s * frames_per_sample,
+                "data_wait_fraction": window_wait / window_time,
+                "loader_samples_per_s_per_worker": window_samples / max(window_produce, 1e-9),
+                "skipped_samples": dataset.skipped.count,
+                "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+                "mfu": (flops_per_step * window_samples / (cfg.batch_size * cfg.grad_accum) / window_time
+                        / (peak_tflops * 1e12)) if peak_tflops and flops_per_step else None,
+                "tflops_per_step": flops_per_step / 1e12 if flops_per_step else None,
+            }
+            records.append(record)
+            window_time = window_wait = window_samples = window_produce = 0.0
+            if master:
+                mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
+                memory = f"{record['peak_memory_gb']:.1f} GB" if cuda else "n/a"
+                log.info(f"step {step} loss {totals['total']:.4f} grad {grad_norm:.3f} lr {lr:.2e} "
+                         f"{samples_per_s:.2f} samples/s {record['frames_per_s']:.1f} frames/s "
+                         f"data wait {record['data_wait_fraction']:.0%} mem {memory} MFU {mfu}")
+                with open(out / "log.jsonl", "a") as file:
+                    file.write(json.dumps(record) + "\n")
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        writer.add_scalar(key, value, step)
+        if step % cfg.checkpoint_every == 0 or step == last_step:
+            checkpoint()
+
+    if writer is not None:
+        writer.close()
+    if distributed:
+        dist.destroy_process_group()
+    return TrainResult(records, model, ema)
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    return train(parse_config(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Training windows streamed from clip shards: what ``model/train.py`` iterates over.
+
+Each clip of the preprocessing shards (``shards/schema.py``) gives one window per visit: ``motion_frames``
+(M) consecutive frames, then ``clip_frames`` (T) frames to generate, plus one reference frame drawn anywhere
+in the clip (Hallo's recipe). A stage reads only what it needs:
+
+=========  ==================================================================================
+``a2m``     reference + the M motion frames, audio of the M frames
+``stage1``  reference + the T frames (use T = 1, M = 0: image pairs), description
+``stage2``  reference + M + T frames, audio of the M + T frames, emotion, AUs, description
+=========  ==================================================================================
+
+Cached members are used when the clip has them and decoding falls back otherwise (``prefer_cached``):
+``latents.npy`` instead of decoding the mp4, ``wav2vec.npy`` instead of running the audio encoder in the loop,
+``vocals.wav`` instead of ``wav``. Missing emotion/AU/description inputs are simply absent
+from the batch; the loop substitutes zeros and logs it once.
+
+A batch (``collate_windows``, all windows of one batch from one DataLoader worker) is a dict of tensors:
+
+    frames        uint8 (B, M+T, 3, S, S)      when the clip has no latents (S = ``image_size``)
+    latents       float32 (B, M+T, 4, h, w)    scaled SD-VAE latents, when cached
+    reference     uint8 (B, 3, S, S) or reference_latents float32 (B, 4, h, w)
+    audio         float32 (B, (M+T) * 640)     16 kHz waveform of the window (vocals when present)
+    wav2vec       float32 (B, M+T, L, D)       when cached
+    first_frame   int64 (B,)                   source index of the window's first frame
+    emotion.*     the arrays of ``emotion.npz`` (text_probs (B, 7), ..., va_values (B, K, 3), va_embedding)
+    aus           float32 (B, T, N_AU);  description float32 (B, 77, 768)
+    position      (logical worker, raw samples that worker has consumed after this batch)
+    produce_s     seconds the worker spent producing the batch (reading + decoding)
+
+Order and splitting are deterministic so that a resumed run sees exactly the batches it would have seen:
+every epoch the shard list is shuffled with ``seed + epoch`` (the same on every rank); with at least as many
+shards as ranks x workers, each (rank, worker) reads every n-th shard, otherwise every n-th sample. Samples
+pass a seeded shuffle buffer, and each window's random choices come from a generator seeded by its position
+in the stream. A worker resumed at position ``p`` re-reads and drops its first ``p`` raw samples without
+decoding them. A sample that fails to decode is logged, counted in ``skipped`` and dropped, never fatal.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import itertools
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+
+from shards import schema
+from shards.reader import ClipDecodeError, SkipCounter, decode_wav, load_npy, shard_urls
+
+log = logging.getLogger(__name__)
+
+# Members that later pipeline stages add. The schema is the source of truth once it names them; until then
+# these are the names this loader reads.
+LATENTS_MEMBER = getattr(schema, "LATENTS_MEMBER", "latents.npy")  # (T, 4, 64, 64) f16, scaled by 0.18215
+WAV2VEC_MEMBER = getattr(schema, "WAV2VEC_MEMBER", "wav2vec.npy")  # (T, 13, 768) f16
+VOCALS_MEMBER = getattr(schema, "VOCALS_MEMBER", "vocals.wav")
+# The emotion inputs of eq. 1: one npz whose arrays are the fields of model.emotion_embedding.EmotionFeatures.
+EMOTION_MEMBER = getattr(schema, "EMOTION_MEMBER", "emotion.npz")
+EMOTION_ARRAYS = getattr(schema, "EMOTION_ARRAYS", ("text_probs", "text_embedding", "speech_probs",
+                                                    "speech_embedding", "va_values", "va_embedding"))
+AUS_MEMBER = getattr(schema, "AUS_MEMBER", "aus.npy")  # (T, 12)
+DESCRIPTION_MEMBER = getattr(schema, "DESCRIPTION_MEMBER", "clip_text.npy")  # (77, 768) CLIP-text states
+
+STAGE_NEEDS = {  # which parts of a window each stage reads
+    "a2m": {"motion", "audio"},
+    "stage1": {"clip", "description"},
+    "stage2": {"motion", "clip", "audio", "emotion", "aus", "description"},
+}
+
+
+@dataclass
+class WindowSpec:
+    """What to cut from each clip. ``image_size``: frames are resized (area) from 512 to this."""
+
+    stage: str
+    clip_frames: int
+    motion_frames: int
+    image_size: int = schema.FRAME_SIZE
+    prefer_cached: bool = True
+
+    def __post_init__(self):
+        if self.stage not in STAGE_NEEDS:
+            raise ValueError(f"unknown stage {self.stage!r}; expected one of {sorted(STAGE_NEEDS)}")
+
+    @property
+    def needs(self) -> set[str]:
+        return STAGE_NEEDS[self.stage]
+
+    @property
+    def frames(self) -> int:
+        """Frames of the window that the stage reads: the motion frames for a2m, else M + T."""
+        return self.motion_frames if self.stage == "a2m" else self.motion_frames + self.clip_frames
+
+    def members(self) -> frozenset[str]:
+        wanted = {schema.META_MEMBER, schema.VIDEO_MEMBER}
+        if self.prefer_cached:
+            wanted.add(LATENTS_MEMBER)
+        if "audio" in self.needs:
+            wanted |= {schema.AUDIO_MEMBER, VOCALS_MEMBER} | ({WAV2VEC_MEMBER} if self.prefer_cached else set())
+        if "emotion" in self.needs:
+            wanted.add(EMOTION_MEMBER)
+        if "aus" in self.needs:
+            wanted.add(AUS_MEMBER)
+        if "description" in self.needs:
+            wanted.add(DESCRIPTION_MEMBER)
+        return frozenset(wanted)
+
+
+@dataclass
+class TrainingWindows(torch.utils.data.IterableDataset):
+    """An endless, deterministic stream of batches of training windows (see the module docstring).
+
+    ``urls``: a shard directory, a tar, a WebDataset spec (braces, ``pipe:``, http) or a list of them.
+    ``start_positions``: {logical worker: raw samples already consumed} from a checkpoint;
+    ``worker_offset``: rotate worker ids so that after resuming the DataLoader's round-robin continues with the
+    worker whose batch is due next (batches consumed modulo the number of workers).
+    """
+
+    urls: Any
+    spec: WindowSpec
+    batch_size: int
+    seed: int = 0
+    shuffle_buffer: int = 64
+    rank: int = 0
+    world_size: int = 1
+    start_positions: dict[int, int] = field(default_factory=dict)
+    worker_offset: int = 0
+    skipped: SkipCounter = field(default_factory=SkipCounter)
+
+    def __post_init__(self):
+        super().__init__()
+        expanded = shard_urls(self.urls)  # local directories -> their tars; braces, pipe: and URLs pass through
+        self.shard_list = wds.shardlists.expand_urls(expanded) if isinstance(expanded, str) else list(expanded)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        workers = info.num_workers if info else 1
+        worker = ((info.id if info else 0) + self.worker_offset) % workers
+        split, splits = self.rank * workers + worker, self.world_size * workers
+        position = self.start_positions.get(worker, 0)
+        raw = itertools.islice(self.raw_samples(split, splits), position, None)
+        decode = functools.partial(decode_window, spec=self.spec)
+        windows = []
+        started = time.perf_counter()
+        for index, sample in enumerate(raw, start=position):
+            try:
+                windows.append(decode(sample, random.Random(f"{self.seed}-{split}-{index}")))
+            except Exception as error:  # one bad clip never stops training
+                self.skipped(ClipDecodeError(f"clip {sample.get('__key__')!r} in {sample.get('__url__')}: {error}"))
+                continue
+            if len(windows) == self.batch_size:
+                batch = collate_windows(windows)
+                batch["position"] = torch.tensor([worker, index + 1])
+                batch["produce_s"] = torch.tensor(time.perf_counter() - started)
+                yield batch
+                windows = []
+                started = time.perf_counter()
+
+    def raw_samples(self, split: int, splits: int, epochs: int | None = None) -> Iterator[dict[str, Any]]:
+        """Undecoded samples for this split, shuffled, epoch after epoch (forever when ``epochs`` is None)."""
+        select = functools.partial(_is_wanted, wanted=self.spec.members())
+        for epoch in itertools.count() if epochs is None else range(epochs):
+            shards = list(self.shard_list)
+            random.Random(self.seed + epoch).shuffle(shards)
+            by_shard = len(shards) >= splits
+            shards = shards[split::splits] if by_shard else shards
+            samples = wds.tariterators.tarfile_samples(({"url": url} for url in shards), handler=self.skipped,
+                                                       select_files=select)
+            if not by_shard:
+                samples = (s for i, s in enumerate(samples) if i % splits == split)
+            rng = random.Random(f"{self.seed}-{epoch}-{split}")
+            count = 0
+            for sample in wds.filters._shuffle(samples, self.shuffle_buffer, self.shuffle_buffer, rng=rng) \
+                    if self.shuffle_buffer > 1 else samples:
+                count += 1
+                yield sample
+            if count == 0:
+                raise ValueError(f"rank {self.rank} split {split}/{splits} got no sample from {len(self.shard_list)} "
+                                 "shards: fewer clips than ranks x workers")
+
+
+def _is_wanted(file_name: str, *, wanted: frozenset[str]) -> bool:
+    _, _, member = os.path.basename(file_name).partition(".")
+    return member.lower() in wanted
+
+
+def decode_window(sample: dict[str, Any], rng: random.Random, *, spec: WindowSpec) -> dict[str, Any]:
+    """One raw WebDataset sample -> one window dict (unbatched shapes of the module docstring)."""
+    meta = json.loads(sample[schema.META_MEMBER])
+    n_frames = int(meta["n_frames"])
+    m, t = spec.motion_frames, spec.clip_frames
+    if n_frames < m + t:
+        raise ClipDecodeError(f"{n_frames} frames, a window needs {m + t}")
+    start = rng.randrange(n_frames - (m + t) + 1)
+    reference_index = rng.randrange(n_frames)
+    count = spec.frames
+    window: dict[str, Any] = {"first_frame": torch.tensor(start)}
+    # The stage's frames: the motion frames for a2m, motion + clip frames otherwise.
+    if spec.prefer_cached and LATENTS_MEMBER in sample:
+        latents = torch.from_numpy(load_npy(sample[LATENTS_MEMBER]).astype(np.float32))
+        window["latents"] = latents[start:start + count]
+        window["reference_latents"] = latents[reference_index]
+    else:
+        wanted = sorted({*range(start, start + count), reference_index})
+        frames = dict(zip(wanted, decode_frames(sample[schema.VIDEO_MEMBER], wanted, spec.image_size), strict=True))
+        window["frames"] = torch.stack([frames[i] for i in range(start, start + count)])
+        window["reference"] = frames[reference_index]
+    if "audio" in spec.needs:
+        if spec.prefer_cached and WAV2VEC_MEMBER in sample:
+            features = load_npy(sample[WAV2VEC_MEMBER])
+            window["wav2vec"] = torch.from_numpy(features[start:start + count].astype(np.float32))
+        speech = sample.get(VOCALS_MEMBER, sample.get(schema.AUDIO_MEMBER))
+        audio = decode_wav(speech)
+        per_frame = schema.AUDIO_SAMPLES_PER_FRAME
+        window["audio"] = audio[start * per_frame:(start + count) * per_frame]
+        if len(window["audio"]) != count * per_frame:
+            raise ClipDecodeError(f"audio has {len(audio)} samples for {n_frames} frames")
+    if "emotion" in spec.needs and EMOTION_MEMBER in sample:
+        with np.load(io.BytesIO(sample[EMOTION_MEMBER]), allow_pickle=False) as arrays:
+            for name in EMOTION_ARRAYS:  # invalid parts (no speech, no text) are stored as zeros
+                window[f"emotion.{name}"] = torch.from_numpy(arrays[name].astype(np.float32))
+    if "aus" in spec.needs and AUS_MEMBER in sample:
+        window["aus"] = torch.from_numpy(load_npy(sample[AUS_MEMBER]).astype(np.float32))[start + m:start + m + t]
+    if "description" in spec.needs and DESCRIPTION_MEMBER in sample:
+        window["description"] = torch.from_numpy(load_npy(sample[DESCRIPTION_MEMBER]).astype(np.float32))
+    return window
+
+
+def decode_frames(mp4: bytes, indices: Sequence[int], size: int) -> list[torch.Tensor]:
+    """The frames at sorted ``indices`` as uint8 ``(3, size, size)``; stops decoding after the last one."""
+    wanted, frames = set(indices), []
+    with av.open(io.BytesIO(mp4)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                frames.append(torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1))
+            if i >= indices[-1]:
+                break
+    if len(frames) != len(indices):
+        raise ClipDecodeError(f"mp4 ended before frame {indices[-1]}")
+    stacked = torch.stack(frames)
+    if stacked.shape[-1] != size:  # area filter: the average of the pixels a target pixel covers
+        stacked = F.interpolate(stacked.float(), size=(size, size), mode="area").round().clamp(0, 255).byte()
+    return list(stacked)
+
+
+def collate_windows(windows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack windows; a key missing from any window is dropped (the loop then uses its fallback), and VA
+    windows (whose count depends on clip length) are padded by repeating each clip's last window."""
+    keys = set.intersection(*(set(w) for w in windows))
+    batch = {}
+    for key in sorted(keys):
+        values = [w[key] for w in windows]
+        if key in ("emotion.va_values", "emotion.va_embedding"):
+            longest = max(v.shape[0] for v in values)
+            values = [torch.cat([v, v[-1:].expand(longest - v.shape[0], *v.shape[1:])]) for v in values]
+        batch[key] = torch.stack(values)
+    return batch
+
+
+def data_loader(dataset: TrainingWindows, num_workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over already-batched windows (each item is one worker's batch).
+
+    Workers start from a fork server, not a plain fork: a process that already runs threads (a Prefect flow, a
+    notebook, TensorBoard's writer) can hand a forked child a lock held by one of them, and that child then dies.
+    """
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                                       prefetch_factor=4 if num_workers else None,
+                                       multiprocessing_context="forkserver" if num_workers else None)
+
+
+__all__ = ["EMOTION_ARRAYS", "STAGE_NEEDS", "TrainingWindows", "WindowSpec", "collate_windows", "data_loader", "decode_window"]
