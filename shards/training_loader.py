@@ -58,20 +58,17 @@ import webdataset as wds
 
 from shards import schema
 from shards.reader import ClipDecodeError, SkipCounter, decode_wav, load_npy, shard_urls
+from shards.schema import (  # the members this loader reads
+    AUS_MEMBER,
+    DESCRIPTION_MEMBER,
+    EMOTION_ARRAYS,
+    EMOTION_MEMBER,
+    LATENTS_MEMBER,
+    VOCALS_MEMBER,
+    WAV2VEC_MEMBER,
+)
 
 log = logging.getLogger(__name__)
-
-# Members that later pipeline stages add. The schema is the source of truth once it names them; until then
-# these are the names this loader reads.
-LATENTS_MEMBER = getattr(schema, "LATENTS_MEMBER", "latents.npy")  # (T, 4, 64, 64) f16, scaled by 0.18215
-WAV2VEC_MEMBER = getattr(schema, "WAV2VEC_MEMBER", "wav2vec.npy")  # (T, 13, 768) f16
-VOCALS_MEMBER = getattr(schema, "VOCALS_MEMBER", "vocals.wav")
-# The emotion inputs of eq. 1: one npz whose arrays are the fields of model.emotion_embedding.EmotionFeatures.
-EMOTION_MEMBER = getattr(schema, "EMOTION_MEMBER", "emotion.npz")
-EMOTION_ARRAYS = getattr(schema, "EMOTION_ARRAYS", ("text_probs", "text_embedding", "speech_probs",
-                                                    "speech_embedding", "va_values", "va_embedding"))
-AUS_MEMBER = getattr(schema, "AUS_MEMBER", "aus.npy")  # (T, 12)
-DESCRIPTION_MEMBER = getattr(schema, "DESCRIPTION_MEMBER", "clip_text.npy")  # (77, 768) CLIP-text states
 
 STAGE_NEEDS = {  # which parts of a window each stage reads
     "a2m": {"motion", "audio"},
