@@ -1,0 +1,91 @@
+"""Stage (optional): Stable Diffusion VAE latents of every frame, cached in the shard as float16.
+
+SynchroRaMa (arXiv 2509.19965, §3.1-3.2) denoises in Stable Diffusion 1.5's latent space; caching the latents
+lets training skip the VAE encoder. The model is the ``AutoencoderKL`` in the ``vae/`` folder of a diffusers
+SD 1.5 checkpoint. Frames are (H, W, 3) uint8 RGB at 25 fps, 512x512 in our clips; latents are
+(T, 4, H/8, W/8) float16, i.e. (T, 4, 64, 64), already multiplied by the VAE's ``scaling_factor`` (0.18215 for
+SD 1.5), the scale the UNet works at.
+
+The posterior *mean* is stored, not a sample: a cached latent must be the same every time the stage runs (and
+the trainer, which VAE-encodes uncached clips, uses the mean too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from preprocess.media import iter_rgb_frames
+
+DOWNSAMPLING = 8  # SD's VAE: four down blocks, three of which halve the size
+
+
+class FrameLatentEncoder:
+    def __init__(self, model_path: str, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 8):
+        import torch
+        from diffusers import AutoencoderKL
+
+        self.dtype = getattr(torch, dtype)
+        try:
+            vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", torch_dtype=self.dtype)
+        except OSError as error:
+            raise FileNotFoundError(
+                f"Stable Diffusion VAE not found under {model_path!r} (expected a vae/ folder, as in a diffusers "
+                f"Stable Diffusion 1.5 checkpoint): download stable-diffusion-v1-5/stable-diffusion-v1-5 on a "
+                f"connected machine, or use the tiny profile"
+            ) from error
+        self.vae = vae.to(device).eval()
+        self.device, self.batch_size, self.name = device, batch_size, str(model_path)
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def encode_video(self, video: Path, *, size: int = 512) -> np.ndarray:
+        """Every frame of ``video``, decoded at ``size`` x ``size`` (a multiple of 8): (T, 4, size/8, size/8)
+        float16 scaled latents (posterior mean x scaling_factor)."""
+        import torch
+
+        if size % DOWNSAMPLING:
+            raise ValueError(f"frame size must be a multiple of {DOWNSAMPLING}, got {size}")
+        chunks = []
+        with torch.inference_mode():
+            for frames in _batches(iter_rgb_frames(Path(video), width=size, height=size), self.batch_size):
+                pixels = torch.from_numpy(np.stack(frames)).to(self.device).permute(0, 3, 1, 2)
+                pixels = pixels.to(self.dtype) / 127.5 - 1.0  # uint8 -> [-1, 1]
+                mean = self.vae.encode(pixels).latent_dist.mean
+                chunks.append((mean.float() * self.scaling_factor).cpu().numpy().astype(np.float16))
+        if not chunks:
+            return np.zeros((0, self.vae.config.latent_channels, size // DOWNSAMPLING, size // DOWNSAMPLING),
+                            np.float16)
+        return np.concatenate(chunks)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """(T, 4, h, w) scaled latents -> (T, 8h, 8w, 3) uint8 RGB frames."""
+        import torch
+
+        frames = []
+        with torch.inference_mode():
+            for start in range(0, len(latents), self.batch_size):
+                batch = torch.from_numpy(np.asarray(latents[start:start + self.batch_size], np.float32))
+                batch = batch.to(self.device, self.dtype) / self.scaling_factor
+                pixels = self.vae.decode(batch).sample.float().clamp(-1.0, 1.0)
+                pixels = ((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+                frames.append(pixels.cpu().numpy())
+        if not frames:
+            return np.zeros((0, *(DOWNSAMPLING * n for n in latents.shape[2:4]), 3), np.uint8)
+        return np.concatenate(frames)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 images (or stacks of them) in dB, peak 255; inf if equal."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(255.0 ** 2 / mse)
+
+
+def _batches(frames: Iterable[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    iterator = iter(frames)
+    while batch := list(islice(iterator, size)):
+        yield batch
