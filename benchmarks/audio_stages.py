@@ -23,9 +23,9 @@ import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
 import torch  # noqa: E402
 
-from preprocess.audio_models import load_model  # noqa: E402
 from preprocess.pipeline import AUDIO_STAGE_FUNCTIONS, AUDIO_STAGES, PieceOutcome, Workspace  # noqa: E402
 from preprocess.settings import load_settings  # noqa: E402
+from preprocess.stage_models import load_model  # noqa: E402
 from preprocess.standardise import AUDIO_FILE  # noqa: E402
 from synchrorama.sample_data import speech_wav  # noqa: E402
 

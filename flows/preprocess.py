@@ -7,9 +7,10 @@ progress stage by stage, model stages can later batch across clips, and stages t
 killed run resumes where it stopped.
 
 After filter-and-split, the audio and emotion stages are mapped over the kept pieces, one task per stage
-(separate-vocals, transcribe, text-emotion, speech-emotion, valence-arousal, wav2vec). The model stages carry
+(separate-vocals, transcribe, text-emotion, speech-emotion, valence-arousal, wav2vec), then the visual and
+semantic ones (action-units, describe, text-embedding, and vae-latents when enabled). The model stages carry
 the ``gpu`` tag (``prefect concurrency-limit create gpu 1`` serialises them on one GPU). Each loads its model
-once per worker process (``preprocess.audio_models``) and batches within a clip (never across clips, so that
+once per worker process (``preprocess.stage_models``) and batches within a clip (never across clips, so that
 a clip's numbers do not depend on which clips shared its batch and a resumed run stays byte-identical).
 
 Callable without a server, as a plain function::
@@ -34,13 +35,17 @@ from preprocess.pipeline import (
     ClipJob,
     PieceOutcome,
     Workspace,
+    run_action_units,
+    run_describe,
     run_faces,
+    run_latents,
     run_locate,
     run_probe,
     run_select,
     run_separate,
     run_speech_emotion,
     run_standardise,
+    run_text_embedding,
     run_text_emotion,
     run_transcribe,
     run_valence_arousal,
@@ -120,6 +125,30 @@ def wav2vec_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str
     return run_wav2vec(piece, settings, Workspace(Path(out_dir)))
 
 
+@task(name="action-units", **_stage)
+def action_units_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
+    return run_action_units(piece, settings, Workspace(Path(out_dir)))
+
+
+@task(name="describe", **_model_stage)
+def describe_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
+    return run_describe(piece, settings, Workspace(Path(out_dir)))
+
+
+@task(name="text-embedding", **_model_stage)
+def text_embedding_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
+    return run_text_embedding(piece, settings, Workspace(Path(out_dir)))
+
+
+@task(name="vae-latents", **_model_stage)
+def latents_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
+    return run_latents(piece, settings, Workspace(Path(out_dir)))
+
+
+PIECE_TASKS = (transcribe_task, text_emotion_task, speech_emotion_task, valence_arousal_task, wav2vec_task,
+               action_units_task, describe_task, text_embedding_task, latents_task)
+
+
 @flow(name="process-clips", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def process_clips(candidates: list[Candidate], settings: PreprocessSettings, out_dir: str) -> list[PieceOutcome]:
     jobs = start_task.map(candidates, unmapped(out_dir))
@@ -134,8 +163,8 @@ def process_clips(candidates: list[Candidate], settings: PreprocessSettings, out
     if not kept:
         return outcomes
     pieces = separate_task.map(kept, *args)
-    for audio_task in (transcribe_task, text_emotion_task, speech_emotion_task, valence_arousal_task, wav2vec_task):
-        pieces = audio_task.map(pieces, *args)
+    for piece_task in PIECE_TASKS:
+        pieces = piece_task.map(pieces, *args)
     return [outcome for outcome in outcomes if not outcome.kept] + [future.result() for future in pieces]
 
 

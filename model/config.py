@@ -32,14 +32,17 @@ class DataShapes:
     wav2vec_dim: int = 768
     text_emotion_classes: int = 7
     text_emotion_dim: int = 768
-    # emotion2vec-style SER heads have 9 classes; a different SER model only changes this number.
-    speech_emotion_classes: int = 9
+    # The preprocessing default SER model (superb/hubert-large-superb-er) has 4 classes (neu, hap, ang, sad);
+    # another SER model (e.g. an emotion2vec head with 9) only changes this number.
+    speech_emotion_classes: int = 4
     speech_emotion_dim: int = 1024
     va_values: int = 3  # valence, arousal, dominance
     va_dim: int = 1024
     va_window_s: float = 2.0
     va_hop_s: float = 1.0
-    au_count: int = 12
+    # The preprocessing default AU estimator's 8 AUs (preprocess.action_units.GEOMETRIC_AU_NAMES); a learned
+    # detector with another AU set only changes this number.
+    au_count: int = 8
     text_tokens: int = 77
     text_dim: int = 768
 

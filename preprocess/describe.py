@@ -32,8 +32,9 @@ DEFAULT_PROMPT = (
 class CaptionBackend(Protocol):
     name: str  # model reference recorded with each description
 
-    def describe(self, frames: list[np.ndarray], prompt: str) -> str:
-        """frames: RGB uint8 (H, W, 3) sampled uniformly over the clip -> one description."""
+    def describe(self, frames: list[np.ndarray], prompt: str, max_new_tokens: int | None = None) -> str:
+        """frames: RGB uint8 (H, W, 3) sampled uniformly over the clip -> one description (greedy decoding,
+        at most ``max_new_tokens`` tokens; None: the backend's default)."""
         ...
 
 
@@ -67,13 +68,16 @@ class TransformersCaptioner:
         image_token = getattr(self.processor, "image_token", "<image>")
         return f"USER: {image_token * n_images}\n{prompt} ASSISTANT:"
 
-    def describe(self, frames: list[np.ndarray], prompt: str) -> str:
+    def describe(self, frames: list[np.ndarray], prompt: str, max_new_tokens: int | None = None) -> str:
         import torch
 
         inputs = self.processor(images=frames, text=self._prompt_text(len(frames), prompt), return_tensors="pt")
         inputs = inputs.to(self.device)
+        if "pixel_values" in inputs:  # the processor returns float32 pixels; a bf16/fp16 model wants its own dtype
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         with torch.inference_mode():
-            output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                         do_sample=False)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
 
@@ -91,7 +95,8 @@ class VideoLLaMA2Captioner:
         self.model, self.processor, self.tokenizer = model_init(model_path)
         self.name = f"videollama2:{model_path}"
 
-    def describe(self, frames: list[np.ndarray], prompt: str) -> str:
+    def describe(self, frames: list[np.ndarray], prompt: str, max_new_tokens: int | None = None) -> str:
         video = self.processor["video"](np.stack(frames))
+        options = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
         return self._mm_infer(video, prompt, model=self.model, tokenizer=self.tokenizer, do_sample=False,
-                              modal="video").strip()
+                              modal="video", **options).strip()

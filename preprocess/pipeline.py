@@ -11,11 +11,12 @@ The audio stages (``run_separate`` ... ``run_wav2vec``) run on each kept piece a
 keys hash the piece's content key (or the upstream audio stage's key), the stage's settings and the model
 reference (``ModelChoice`` fingerprint); a model is loaded only inside ``compute``, so a cached re-run never
 loads one. Their results (the JSON the stage returned, plus ``key`` and ``dir``) accumulate in
-``PieceOutcome.audio``; a crash in one rejects the piece with reason ``error`` (retried next run).
+``PieceOutcome.features``; a crash in one rejects the piece with reason ``error`` (retried next run).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import traceback
@@ -24,20 +25,23 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.audio_models import is_tiny_reference, load_model
+from preprocess.action_units import AUBackend, ExportedAUs, GeometricAUs
 from preprocess.cache import StageCache, file_fingerprint, stable_hash
 from preprocess.crop import choose_crop_box
 from preprocess.cut import cut_piece
+from preprocess.describe import sample_frames_uniformly
 from preprocess.face_models import mediapipe_version
-from preprocess.faces import POSE_FILE, FaceTrack, track_faces
+from preprocess.faces import LANDMARKS_FILE, POSE_FILE, FaceTrack, track_faces
 from preprocess.filters import PieceStats, judge_piece, piece_stats, plan_pieces
 from preprocess.locate import FaceSurvey, survey_faces
+from preprocess.media import iter_rgb_frames
 from preprocess.probe import probe_video
 from preprocess.records import Candidate, CropBox, ProbeResult, Rejection
 from preprocess.separate import separate_vocals
 from preprocess.settings import ModelChoice, PreprocessSettings
 from preprocess.speech_emotion import classify_speech
-from preprocess.standardise import AUDIO_FILE, StandardisedClip, standardise_clip
+from preprocess.stage_models import is_tiny_reference, load_model
+from preprocess.standardise import AUDIO_FILE, VIDEO_FILE, StandardisedClip, standardise_clip
 from preprocess.text_emotion import score_transcript
 from preprocess.transcribe import transcribe_vocals
 from preprocess.valence_arousal import valence_arousal_windows
@@ -46,9 +50,14 @@ from preprocess.wav2vec_features import wav2vec_frames
 log = logging.getLogger(__name__)
 
 STAGE_VERSIONS = {"probe": 1, "locate": 1, "standardise": 1, "faces": 1, "pieces": 1, "separate": 1,
-                  "transcribe": 1, "text_emotion": 1, "speech_emotion": 1, "valence_arousal": 1, "wav2vec": 1}
+                  "transcribe": 1, "text_emotion": 1, "speech_emotion": 1, "valence_arousal": 1, "wav2vec": 1,
+                  "action_units": 1, "describe": 1, "text_embedding": 1, "latents": 1}
 # The per-piece audio stages, in the order they run (also their stage_timings / clips-table names).
 AUDIO_STAGES = ("separate", "transcribe", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec")
+# The per-piece visual and semantic stages, in order; describe, text_embedding (needs describe) and latents
+# can be switched off in the settings, and then leave no entry in ``PieceOutcome.features``.
+VISUAL_STAGES = ("action_units", "describe", "text_embedding", "latents")
+AUS_FILE, CLIP_TEXT_FILE, LATENTS_FILE = "aus.npy", "clip_text.npy", "latents.npy"
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,7 @@ class PieceOutcome:
     files_dir: str | None = None  # directory holding clip.mp4, clip.wav, landmarks.npy, pose.npy
     content_key: str | None = None
     timings: tuple[StageTiming, ...] = field(default=())
-    audio: dict[str, dict] = field(default_factory=dict)  # audio stage -> its stored result + "key" + "dir"
+    features: dict[str, dict] = field(default_factory=dict)  # per-piece model stage -> its stored result + "key" + "dir"
 
     @property
     def kept(self) -> bool:
@@ -274,9 +283,9 @@ def _model_identity(choice: ModelChoice) -> str:
     return choice.fingerprint()
 
 
-def _run_audio_stage(stage: str, outcome: PieceOutcome, workspace: Workspace, key_parts: list,
+def _run_piece_stage(stage: str, outcome: PieceOutcome, workspace: Workspace, key_parts: list,
                      compute) -> PieceOutcome:
-    """Run one cached audio stage on a kept piece; a crash rejects the piece (``error``, not cached)."""
+    """Run one cached per-piece stage on a kept piece; a crash rejects the piece (``error``, not cached)."""
     if not outcome.kept:
         return outcome
     try:
@@ -287,12 +296,12 @@ def _run_audio_stage(stage: str, outcome: PieceOutcome, workspace: Workspace, ke
         return replace(outcome, rejection=Rejection(stage, "error", f"{type(error).__name__}: {error}"))
     # the JSON round trip makes a fresh result look exactly like a cached one (tuples become lists)
     entry = {**json.loads(json.dumps(stored)), "key": key, "dir": str(workspace.cache.entry_dir(stage, key))}
-    return replace(outcome, audio={**outcome.audio, stage: entry},
+    return replace(outcome, features={**outcome.features, stage: entry},
                    timings=outcome.timings + (StageTiming(stage, stored["seconds"], cached),))
 
 
 def _vocals(outcome: PieceOutcome) -> Path:
-    separated = outcome.audio["separate"]
+    separated = outcome.features["separate"]
     return Path(separated["dir"]) / separated["vocals"]
 
 
@@ -303,7 +312,7 @@ def run_separate(outcome: PieceOutcome, settings: PreprocessSettings, workspace:
         return asdict(separate_vocals(Path(outcome.files_dir) / AUDIO_FILE, load_model("separation", choice),
                                       settings.audio.separation, out_dir))
 
-    return _run_audio_stage("separate", outcome, workspace, [
+    return _run_piece_stage("separate", outcome, workspace, [
         outcome.content_key, settings.audio.separation.fingerprint(), _model_identity(choice)], compute)
 
 
@@ -311,11 +320,11 @@ def run_transcribe(outcome: PieceOutcome, settings: PreprocessSettings, workspac
     choice = settings.models.transcription
 
     def compute(_: Path) -> dict:
-        return transcribe_vocals(_vocals(outcome), outcome.audio["separate"]["has_speech"],
+        return transcribe_vocals(_vocals(outcome), outcome.features["separate"]["has_speech"],
                                  load_model("transcription", choice), settings.audio.transcription).as_json()
 
-    return _run_audio_stage("transcribe", outcome, workspace, [
-        outcome.audio.get("separate", {}).get("key"), settings.audio.transcription.fingerprint(),
+    return _run_piece_stage("transcribe", outcome, workspace, [
+        outcome.features.get("separate", {}).get("key"), settings.audio.transcription.fingerprint(),
         _model_identity(choice)], compute)
 
 
@@ -323,12 +332,12 @@ def run_text_emotion(outcome: PieceOutcome, settings: PreprocessSettings, worksp
     choice = settings.models.text_emotion
 
     def compute(out_dir: Path) -> dict:
-        transcript = outcome.audio["transcribe"]
+        transcript = outcome.features["transcribe"]
         return asdict(score_transcript(transcript["text"], transcript["language"], transcript["status"],
                                        load_model("text_emotion", choice), settings.audio.text_emotion, out_dir))
 
-    return _run_audio_stage("text_emotion", outcome, workspace, [
-        outcome.audio.get("transcribe", {}).get("key"), settings.audio.text_emotion.fingerprint(),
+    return _run_piece_stage("text_emotion", outcome, workspace, [
+        outcome.features.get("transcribe", {}).get("key"), settings.audio.text_emotion.fingerprint(),
         _model_identity(choice)], compute)
 
 
@@ -336,23 +345,23 @@ def run_speech_emotion(outcome: PieceOutcome, settings: PreprocessSettings, work
     choice = settings.models.speech_emotion
 
     def compute(out_dir: Path) -> dict:
-        return asdict(classify_speech(_vocals(outcome), outcome.audio["separate"]["has_speech"],
+        return asdict(classify_speech(_vocals(outcome), outcome.features["separate"]["has_speech"],
                                       load_model("speech_emotion", choice), out_dir))
 
-    return _run_audio_stage("speech_emotion", outcome, workspace, [
-        outcome.audio.get("separate", {}).get("key"), _model_identity(choice)], compute)
+    return _run_piece_stage("speech_emotion", outcome, workspace, [
+        outcome.features.get("separate", {}).get("key"), _model_identity(choice)], compute)
 
 
 def run_valence_arousal(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
     choice = settings.models.valence_arousal
 
     def compute(out_dir: Path) -> dict:
-        return asdict(valence_arousal_windows(_vocals(outcome), outcome.audio["separate"]["has_speech"],
+        return asdict(valence_arousal_windows(_vocals(outcome), outcome.features["separate"]["has_speech"],
                                               load_model("valence_arousal", choice), settings.audio.valence_arousal,
                                               choice.batch_size, out_dir))
 
-    return _run_audio_stage("valence_arousal", outcome, workspace, [
-        outcome.audio.get("separate", {}).get("key"), settings.audio.valence_arousal.fingerprint(),
+    return _run_piece_stage("valence_arousal", outcome, workspace, [
+        outcome.features.get("separate", {}).get("key"), settings.audio.valence_arousal.fingerprint(),
         _model_identity(choice)], compute)
 
 
@@ -364,8 +373,8 @@ def run_wav2vec(outcome: PieceOutcome, settings: PreprocessSettings, workspace: 
         return asdict(wav2vec_frames(_vocals(outcome), n_frames, settings.standardise.fps,
                                      load_model("wav2vec", choice), out_dir))
 
-    return _run_audio_stage("wav2vec", outcome, workspace, [
-        outcome.audio.get("separate", {}).get("key"), settings.standardise.fps, _model_identity(choice)], compute)
+    return _run_piece_stage("wav2vec", outcome, workspace, [
+        outcome.features.get("separate", {}).get("key"), settings.standardise.fps, _model_identity(choice)], compute)
 
 
 AUDIO_STAGE_FUNCTIONS = {
@@ -382,6 +391,116 @@ def run_audio_stages(outcome: PieceOutcome, settings: PreprocessSettings, worksp
     """Every audio stage in order, without Prefect (tests, benchmarks)."""
     for stage in AUDIO_STAGES:
         outcome = AUDIO_STAGE_FUNCTIONS[stage](outcome, settings, workspace)
+    return outcome
+
+
+# ---------------------------------------------------------------- visual and semantic stages (per kept piece)
+
+
+def _piece_file(outcome: PieceOutcome, name: str) -> Path:
+    return Path(outcome.files_dir) / name
+
+
+def au_backend(settings: PreprocessSettings) -> AUBackend:
+    """The configured AU estimator (a learned one loads once per process, like the other models)."""
+    chosen = settings.visual.action_units
+    if chosen.backend == "geometric":
+        return GeometricAUs()
+    if not chosen.exported_model or not chosen.exported_au_names:
+        raise ValueError("visual.action_units.backend 'torch_export' needs exported_model and exported_au_names")
+    return _exported_aus(chosen.exported_model, chosen.exported_au_names, chosen.exported_input_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _exported_aus(path: str, au_names: tuple[str, ...], input_size: int) -> ExportedAUs:
+    return ExportedAUs(Path(path), au_names, input_size)
+
+
+def _au_identity(settings: PreprocessSettings) -> list:
+    chosen = settings.visual.action_units
+    if chosen.backend == "geometric":
+        return [chosen.fingerprint(), GeometricAUs.name]
+    model = Path(chosen.exported_model or "")
+    return [chosen.fingerprint(), file_fingerprint(model) if model.is_file() else str(model)]
+
+
+def run_action_units(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    def compute(out_dir: Path) -> dict:
+        backend = au_backend(settings)
+        landmarks = np.load(_piece_file(outcome, LANDMARKS_FILE)).astype(np.float32)
+        frames = None
+        if backend.needs_frames:
+            size = settings.standardise.size
+            frames = np.stack(list(iter_rgb_frames(_piece_file(outcome, VIDEO_FILE), width=size, height=size)))
+        values = backend.estimate(landmarks, frames).astype(np.float32)
+        np.save(out_dir / AUS_FILE, values)
+        return {"file": AUS_FILE, "au_names": list(backend.au_names), "model": backend.name,
+                "n_frames": len(values), "n_face_frames": int((~np.isnan(values).any(axis=1)).sum())}
+
+    return _run_piece_stage("action_units", outcome, workspace, [outcome.content_key, *_au_identity(settings)],
+                            compute)
+
+
+def run_describe(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    chosen, choice = settings.visual.description, settings.models.captioning
+    if not chosen.enabled:
+        return outcome
+
+    def compute(_: Path) -> dict:
+        captioner = load_model("captioning", choice)
+        frames = sample_frames_uniformly(_piece_file(outcome, VIDEO_FILE), chosen.n_frames, chosen.frame_size)
+        with captioner.lock:
+            text = captioner.model.describe(frames, chosen.prompt, chosen.max_new_tokens)
+        # An empty answer is recorded as such, never replaced by a made-up one.
+        return {"text": text, "status": "ok" if text.strip() else "empty", "prompt": chosen.prompt,
+                "model": choice.model, "n_frames": len(frames), "frame_size": chosen.frame_size}
+
+    return _run_piece_stage("describe", outcome, workspace, [
+        outcome.content_key, chosen.fingerprint(), _model_identity(choice)], compute)
+
+
+def run_text_embedding(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    choice = settings.models.text_encoder
+    if "describe" not in outcome.features:
+        return outcome
+
+    def compute(out_dir: Path) -> dict:
+        encoder = load_model("text_encoder", choice)
+        embedding = encoder.model.encode([outcome.features["describe"]["text"]])[0]
+        np.save(out_dir / CLIP_TEXT_FILE, embedding)
+        return {"file": CLIP_TEXT_FILE, "shape": list(embedding.shape), "model": choice.model}
+
+    return _run_piece_stage("text_embedding", outcome, workspace, [
+        outcome.features.get("describe", {}).get("key"), _model_identity(choice)], compute)
+
+
+def run_latents(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    choice = settings.models.vae
+    if not settings.visual.latents.enabled:
+        return outcome
+
+    def compute(out_dir: Path) -> dict:
+        vae = load_model("vae", choice)
+        latents = vae.model.encode_video(_piece_file(outcome, VIDEO_FILE))
+        np.save(out_dir / LATENTS_FILE, latents)
+        return {"file": LATENTS_FILE, "shape": list(latents.shape), "model": choice.model,
+                "scaling_factor": vae.model.scaling_factor}
+
+    return _run_piece_stage("latents", outcome, workspace, [outcome.content_key, _model_identity(choice)], compute)
+
+
+VISUAL_STAGE_FUNCTIONS = {
+    "action_units": run_action_units,
+    "describe": run_describe,
+    "text_embedding": run_text_embedding,
+    "latents": run_latents,
+}
+
+
+def run_visual_stages(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    """Every visual/semantic stage in order, without Prefect (tests, benchmarks)."""
+    for stage in VISUAL_STAGES:
+        outcome = VISUAL_STAGE_FUNCTIONS[stage](outcome, settings, workspace)
     return outcome
 
 

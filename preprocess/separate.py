@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from preprocess.audio_io import active_fraction, dbfs, read_mono, write_pcm16
-from preprocess.audio_models import LoadedModel
 from preprocess.settings import SeparationSettings
+from preprocess.stage_models import LoadedModel
 
 VOCALS_FILE = "vocals.wav"
 

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from preprocess.describe import DEFAULT_PROMPT as DEFAULT_CAPTION_PROMPT
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -111,6 +113,13 @@ class ModelRefs(_Section):
     speech_emotion: ModelChoice = ModelChoice(model="superb/hubert-large-superb-er")
     valence_arousal: ModelChoice = ModelChoice(model="audeering/wav2vec2-large-robust-12-ft-emotion-msp-dim")
     wav2vec: ModelChoice = ModelChoice(model="facebook/wav2vec2-base-960h")
+    # The paper captions with VideoLLaMA2, which is not on PyPI and pins an old torch: it runs through its own
+    # API when the reference starts with "videollama2:" (installed in its own environment, see
+    # docs/visual_features.md). The default is a transformers-native vision-language model that installs here.
+    captioning: ModelChoice = ModelChoice(model="Qwen/Qwen2.5-VL-3B-Instruct", batch_size=1, dtype="bfloat16")
+    # A diffusers Stable Diffusion 1.5 folder: text_encoder/ + tokenizer/ (descriptions), vae/ (latents).
+    text_encoder: ModelChoice = ModelChoice(model="stable-diffusion-v1-5/stable-diffusion-v1-5", batch_size=16)
+    vae: ModelChoice = ModelChoice(model="stable-diffusion-v1-5/stable-diffusion-v1-5", batch_size=8)
 
 
 class SeparationSettings(_Section):
@@ -142,6 +151,41 @@ class ValenceArousalSettings(_Section):
     window_s: float = Field(2.0, description="window length in seconds; hop = window_s / 2 (50% overlap)")
 
 
+class ActionUnitSettings(_Section):
+    """Per-frame facial action units (``preprocess.action_units``)."""
+
+    backend: Literal["geometric", "torch_export"] = Field(
+        "geometric", description="geometric: measures on the face mesh; torch_export: a learned detector (.pt2)")
+    exported_model: str | None = Field(None, description="torch_export: path of the torch.export program")
+    exported_au_names: tuple[str, ...] = Field(
+        (), description="torch_export: the detector's output columns, in order (e.g. AU01, AU02, ...)")
+    exported_input_size: int = Field(224, description="torch_export: side of the square face crops it takes")
+
+
+class DescriptionSettings(_Section):
+    """The clip description (``preprocess.describe``) and its CLIP text embedding (``preprocess.text_embedding``)."""
+
+    enabled: bool = True
+    prompt: str = Field(DEFAULT_CAPTION_PROMPT, description="what the captioning model is asked; recorded per row")
+    n_frames: int = Field(8, ge=1, description="frames sampled uniformly over the clip and shown to the model")
+    frame_size: int = Field(336, ge=16, description="sampled frames are resized to this square side")
+    max_new_tokens: int = Field(60, ge=1)
+
+
+class LatentSettings(_Section):
+    """Optional: Stable Diffusion VAE latents of every frame, so that training skips the VAE encoder."""
+
+    enabled: bool = Field(False, description="off by default: fp16 latents cost ~0.8 MB per second of video")
+
+
+class VisualSettings(_Section):
+    """Parameters of the visual and semantic stages (their models are in ``ModelRefs``)."""
+
+    action_units: ActionUnitSettings = ActionUnitSettings()
+    description: DescriptionSettings = DescriptionSettings()
+    latents: LatentSettings = LatentSettings()
+
+
 class AudioSettings(_Section):
     """Parameters of the audio and emotion stages (their models are in ``ModelRefs``)."""
 
@@ -163,6 +207,7 @@ class PreprocessSettings(BaseModel):
     filters: FilterSettings = FilterSettings()
     shards: ShardSettings = ShardSettings()
     audio: AudioSettings = AudioSettings()
+    visual: VisualSettings = VisualSettings()
     models: ModelRefs = ModelRefs()
 
 
@@ -193,7 +238,12 @@ PROFILES: dict[str, dict[str, Any]] = {
             "speech_emotion": {"model": f"{TINY_MODELS_DIR}/speech-emotion"},
             "valence_arousal": {"model": f"{TINY_MODELS_DIR}/valence-arousal"},
             "wav2vec": {"model": f"{TINY_MODELS_DIR}/wav2vec2"},
+            "captioning": {"model": f"{TINY_MODELS_DIR}/captioner", "dtype": "float32"},
+            "text_encoder": {"model": f"{TINY_MODELS_DIR}/sd15"},
+            "vae": {"model": f"{TINY_MODELS_DIR}/sd15"},
         },
+        # The tiny captioner sees 56x56 images: fewer, smaller frames keep the demo quick.
+        "visual": {"description": {"n_frames": 2, "frame_size": 128, "max_new_tokens": 16}},
     },
 }
 

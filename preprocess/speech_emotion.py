@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from preprocess.audio_io import read_mono
-from preprocess.audio_models import LoadedModel
+from preprocess.stage_models import LoadedModel
 
 SPEECH_EMOTION_FILE = "emotion_ser.npy"
 

@@ -1,4 +1,4 @@
-"""Loading the audio stages' models: once per worker process, by model reference, with clear errors.
+"""Loading the model stages' models (audio, emotion, captioning, CLIP text, VAE): once per worker process, by model reference, with clear errors.
 
 ``load_model(kind, choice)`` returns a ``LoadedModel`` from a process-wide cache keyed by (kind, model,
 revision, device, dtype); the first caller loads it (under a lock, so two threads never load the same model
@@ -10,7 +10,8 @@ A model reference (``ModelChoice.model``) is one of:
 - a Hugging Face hub id (text/speech emotion, valence-arousal, wav2vec), read from the local hub cache when
   ``HF_HUB_OFFLINE=1``;
 - a Demucs model name (``htdemucs``, ``htdemucs_ft``, ...) or an openai-whisper name (``tiny`` ... ``large-v3``),
-  read from (or, online, downloaded into) their usual caches.
+  read from (or, online, downloaded into) their usual caches;
+- for captioning, ``videollama2:<path or id>`` runs VideoLLaMA2 through its own API (``preprocess.describe``).
 
 A model that cannot be found raises ``ModelNotFoundError`` naming the model, where it was looked for and how to
 get it. Whisper and Demucs runs hold ``LoadedModel.lock``: Whisper installs key/value-cache hooks on the shared
@@ -33,7 +34,9 @@ from preprocess.settings import TINY_MODELS_DIR, ModelChoice
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_DIR = REPO_ROOT / TINY_MODELS_DIR
 
-KINDS = ("separation", "transcription", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec")
+KINDS = ("separation", "transcription", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec",
+         "captioning", "text_encoder", "vae")
+VIDEOLLAMA2_PREFIX = "videollama2:"
 
 
 class ModelNotFoundError(RuntimeError):
@@ -240,6 +243,55 @@ def _load_wav2vec(choice: ModelChoice, device: torch.device, dtype: torch.dtype)
     return LoadedModel("wav2vec", choice.model, _prepare(model, device, dtype), device, dtype, extractor)
 
 
+def _source(kind: str, choice: ModelChoice) -> str:
+    """What a wrapper's from_pretrained reads: the local folder (built first when it is a tiny one) or the id."""
+    path = local_path(choice.model)
+    if path is None:
+        return choice.model
+    return str(_ensure_local(kind, path, "Save a model there with save_pretrained(), or use profile 'tiny'."))
+
+
+def _wrapped(kind: str, choice: ModelChoice, build):
+    """Run a wrapper's constructor, turning its not-found errors into the one error type the stages report."""
+    try:
+        return build()
+    except (FileNotFoundError, ImportError) as error:
+        raise ModelNotFoundError(f"{kind} model {choice.model!r}: {error}") from error
+
+
+def _load_captioning(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from preprocess.describe import TransformersCaptioner, VideoLLaMA2Captioner
+
+    if choice.model.startswith(VIDEOLLAMA2_PREFIX):
+        reference = choice.model[len(VIDEOLLAMA2_PREFIX):]
+        model = _wrapped("captioning", choice, lambda: VideoLLaMA2Captioner(reference))
+    else:
+        source = _source("captioning", choice)
+        model = _wrapped("captioning", choice, lambda: TransformersCaptioner(
+            source, device=str(device), dtype=str(dtype).removeprefix("torch.")))
+        model.name = choice.model  # the reference as configured, not the resolved folder
+    return LoadedModel("captioning", choice.model, model, device, dtype)
+
+
+def _load_text_encoder(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from preprocess.text_embedding import DescriptionEncoder
+
+    source = _source("text_encoder", choice)
+    model = _wrapped("text_encoder", choice, lambda: DescriptionEncoder(source, device=str(device)))
+    model.name = choice.model
+    return LoadedModel("text_encoder", choice.model, model, device, torch.float32)
+
+
+def _load_vae(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from preprocess.latents import FrameLatentEncoder
+
+    source = _source("vae", choice)
+    model = _wrapped("vae", choice, lambda: FrameLatentEncoder(
+        source, device=str(device), dtype=str(dtype).removeprefix("torch."), batch_size=choice.batch_size))
+    model.name = choice.model
+    return LoadedModel("vae", choice.model, model, device, dtype)
+
+
 _LOADERS = {
     "separation": _load_separation,
     "transcription": _load_transcription,
@@ -247,4 +299,7 @@ _LOADERS = {
     "speech_emotion": _load_speech_emotion,
     "valence_arousal": _load_valence_arousal,
     "wav2vec": _load_wav2vec,
+    "captioning": _load_captioning,
+    "text_encoder": _load_text_encoder,
+    "vae": _load_vae,
 }

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from preprocess.audio_models import LoadedModel
 from preprocess.settings import TextEmotionSettings
+from preprocess.stage_models import LoadedModel
 
 TEXT_EMOTION_CLASSES = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 TEXT_EMOTION_FILE = "emotion_text.npy"

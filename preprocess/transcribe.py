@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from preprocess.audio_io import read_mono
-from preprocess.audio_models import LoadedModel
 from preprocess.settings import TranscriptionSettings
+from preprocess.stage_models import LoadedModel
 
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # whisper.transcribe's default schedule
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from preprocess.audio_io import read_mono
-from preprocess.audio_models import LoadedModel
 from preprocess.settings import ValenceArousalSettings
+from preprocess.stage_models import LoadedModel
 from preprocess.va_model import OUTPUTS
 
 VA_FILE = "emotion_va.npy"

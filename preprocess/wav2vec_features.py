@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from preprocess.audio_io import read_mono
-from preprocess.audio_models import LoadedModel
+from preprocess.stage_models import LoadedModel
 
 WAV2VEC_FILE = "wav2vec.npy"
 

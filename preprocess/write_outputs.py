@@ -7,7 +7,9 @@ this is what makes a killed-and-resumed run byte-identical to an uninterrupted o
 Kept clips also carry the audio stages' outputs: ``vocals.wav``, ``wav2vec.npy`` and the emotion inputs
 ``emotion.npz`` (assembled here from the three emotion stages' arrays; a zip written with fixed time stamps,
 so that it is byte-identical from run to run), and one row each in ``transcripts``, ``text_emotion`` and ``speech_emotion`` plus one row per window in
-``va_windows``. With tiny models the summary says loudly that those numbers mean nothing.
+``va_windows``; and the visual stages' outputs: ``aus.npy`` (one row per frame in ``action_units``),
+``clip_text.npy`` (the description's CLIP text embedding; the text in ``descriptions``) and, when enabled,
+``latents.npy``. With tiny models the summary says loudly that those numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -21,27 +23,34 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocess.audio_models import is_tiny_reference
+from preprocess.action_units import GeometricAUs
 from preprocess.faces import LANDMARKS_FILE, POSE_FILE
-from preprocess.pipeline import AUDIO_STAGES, PieceOutcome
+from preprocess.pipeline import AUDIO_STAGES, VISUAL_STAGES, PieceOutcome
 from preprocess.records import AnnotationIssue
 from preprocess.settings import PreprocessSettings
+from preprocess.stage_models import is_tiny_reference
 from preprocess.standardise import AUDIO_FILE, VIDEO_FILE
 from preprocess.text_emotion import TEXT_EMOTION_CLASSES
 from preprocess.valence_arousal import VA_FILE_COLUMNS
 from shards.schema import (
+    AUS_MEMBER,
+    DESCRIPTION_MEMBER,
     EMOTION_ARRAYS,
     EMOTION_MEMBER,
     EMOTION_VALID_ARRAYS,
+    LATENTS_MEMBER,
     SCHEMA_VERSION,
     VOCALS_MEMBER,
     WAV2VEC_MEMBER,
 )
 from shards.tables import (
+    ACTION_UNITS_TABLE,
     ANNOTATION_ISSUES_SCHEMA,
     ANNOTATION_ISSUES_TABLE,
     CLIPS_SCHEMA,
     CLIPS_TABLE,
+    DESCRIPTIONS_SCHEMA,
+    DESCRIPTIONS_TABLE,
     KEPT,
     REJECTED,
     SPEECH_EMOTION_TABLE,
@@ -54,25 +63,41 @@ from shards.tables import (
     TRANSCRIPTS_TABLE,
     VA_WINDOWS_SCHEMA,
     VA_WINDOWS_TABLE,
+    action_units_schema,
     speech_emotion_schema,
     write_table_atomic,
 )
 from shards.writer import ShardSample, write_shards
 
 SHARDS_DIR = "shards"
-PIECE_STAGES = ("cut", *AUDIO_STAGES)  # stages timed per piece (clip id), not per candidate
-AUDIO_MODEL_KINDS = ("separation", "transcription", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec")
-TINY_MODELS_WARNING = ("TINY RANDOM MODELS: transcripts, emotions, valence/arousal and wav2vec features in these "
-                       "outputs MEAN NOTHING (profile 'tiny' exercises the pipeline only)")
+PIECE_STAGES = ("cut", *AUDIO_STAGES, *VISUAL_STAGES)  # stages timed per piece (clip id), not per candidate
+TINY_MODELS_WARNING = ("TINY RANDOM MODELS: transcripts, emotions, valence/arousal, wav2vec features, descriptions, "
+                       "their embeddings and latents in these outputs MEAN NOTHING (profile 'tiny' exercises the "
+                       "pipeline only)")
+
+
+def active_model_kinds(settings: PreprocessSettings) -> tuple[str, ...]:
+    """The model stages this run uses (the optional visual ones only when enabled)."""
+    kinds = ["separation", "transcription", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec"]
+    if settings.visual.description.enabled:
+        kinds += ["captioning", "text_encoder"]
+    if settings.visual.latents.enabled:
+        kinds.append("vae")
+    return tuple(kinds)
 
 
 def tiny_model_stages(settings: PreprocessSettings) -> list[str]:
-    """The audio model stages whose configured model is a tiny random one."""
-    return [kind for kind in AUDIO_MODEL_KINDS if is_tiny_reference(getattr(settings.models, kind).model)]
+    """The model stages whose configured model is a tiny random one."""
+    return [kind for kind in active_model_kinds(settings) if is_tiny_reference(getattr(settings.models, kind).model)]
 
 
-def audio_model_refs(settings: PreprocessSettings) -> dict[str, str]:
-    return {kind: getattr(settings.models, kind).model for kind in AUDIO_MODEL_KINDS}
+def model_refs(settings: PreprocessSettings) -> dict[str, str]:
+    """Which model each model stage of this run used (the AU estimator included)."""
+    refs = {kind: getattr(settings.models, kind).model for kind in active_model_kinds(settings)}
+    chosen = settings.visual.action_units
+    refs["action_units"] = (GeometricAUs.name if chosen.backend == "geometric"
+                            else f"torch.export:{Path(chosen.exported_model or '').name}")
+    return refs
 
 
 @dataclass(frozen=True)
@@ -87,9 +112,10 @@ class RunSummary:
     reasons: dict[str, int]
     n_shards: int
     n_annotation_issues: int
-    audio_models: dict[str, str]
+    models: dict[str, str]
     n_with_speech: int
-    warning: str | None  # set when tiny random models produced the audio features
+    n_described: int
+    warning: str | None  # set when tiny random models produced some of the features
 
     def as_text(self) -> str:
         lines = [f"WARNING: {self.warning}"] if self.warning else []
@@ -104,7 +130,8 @@ class RunSummary:
             f"shards ({self.n_shards}): {self.shards_dir}",
             f"tables: {self.tables_dir}",
             f"kept clips with speech in the vocals: {self.n_with_speech} of {self.n_kept}",
-            "audio models: " + ", ".join(f"{kind}={ref}" for kind, ref in self.audio_models.items()),
+            f"kept clips with a non-empty description: {self.n_described} of {self.n_kept}",
+            "models: " + ", ".join(f"{kind}={ref}" for kind, ref in self.models.items()),
         ]
         if self.warning:
             lines.append(f"WARNING: {self.warning}")
@@ -135,17 +162,41 @@ def clip_metadata(outcome: PieceOutcome, settings: PreprocessSettings) -> dict:
         "face_stats": outcome.stats.as_row(),
         "notes": list(job.notes),
         "models": {"face_mesh": settings.models.face_mesh, "face_detection": settings.models.face_detection,
-                   **audio_model_refs(settings)},
+                   **model_refs(settings)},
         "settings_profile": settings.profile,
         "schema_version": SCHEMA_VERSION,
         **audio_metadata(outcome, settings),
+        **visual_metadata(outcome),
     }
+
+
+def visual_metadata(outcome: PieceOutcome) -> dict:
+    """The ``action_units``, ``description`` and ``latents`` entries of a kept clip's json."""
+    features = outcome.features
+    aus = features["action_units"]
+    entries = {"action_units": {"member": AUS_MEMBER, "names": aus["au_names"], "model": aus["model"],
+                                "dtype": "float32", "n_face_frames": aus["n_face_frames"]}}
+    if "describe" in features:
+        described = features["describe"]
+        entries["description"] = {"text": described["text"], "status": described["status"],
+                                  "prompt": described["prompt"], "model": described["model"]}
+        if "text_embedding" in features:
+            embedded = features["text_embedding"]
+            entries["description"].update(member=DESCRIPTION_MEMBER, embedding_model=embedded["model"],
+                                          embedding_shape=embedded["shape"], embedding_dtype="float16")
+    if "latents" in features:
+        latents = features["latents"]
+        # every frame is encoded, so the reference frame a trainer picks is one of them
+        entries["latents"] = {"member": LATENTS_MEMBER, "model": latents["model"], "shape": latents["shape"],
+                              "dtype": "float16", "scaling_factor": latents["scaling_factor"],
+                              "posterior": "mean"}
+    return entries
 
 
 def audio_metadata(outcome: PieceOutcome, settings: PreprocessSettings) -> dict:
     """The ``audio`` and ``emotion`` entries of a kept clip's json: speech check, transcript, and the layout of
     the emotion members, so that a trainer can split them without knowing the models."""
-    audio = outcome.audio
+    audio = outcome.features
     separated, transcript = audio["separate"], audio["transcribe"]
     text, speech, va = audio["text_emotion"], audio["speech_emotion"], audio["valence_arousal"]
     wav2vec = audio["wav2vec"]
@@ -175,7 +226,7 @@ def audio_metadata(outcome: PieceOutcome, settings: PreprocessSettings) -> dict:
 
 def emotion_arrays(outcome: PieceOutcome) -> dict[str, np.ndarray]:
     """The arrays of ``emotion.npz``: each stage's ``.npy`` split into probabilities/values and embedding."""
-    audio = outcome.audio
+    audio = outcome.features
     text, speech, va = audio["text_emotion"], audio["speech_emotion"], audio["valence_arousal"]
     text_array = np.load(Path(text["dir"]) / text["file"])
     speech_array = np.load(Path(speech["dir"]) / speech["file"])
@@ -201,12 +252,38 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def audio_members(outcome: PieceOutcome) -> dict[str, Path | bytes]:
-    audio = outcome.audio
+    audio = outcome.features
     return {
         VOCALS_MEMBER: Path(audio["separate"]["dir"]) / audio["separate"]["vocals"],
         WAV2VEC_MEMBER: Path(audio["wav2vec"]["dir"]) / audio["wav2vec"]["file"],
         EMOTION_MEMBER: npz_bytes(emotion_arrays(outcome)),
     }
+
+
+def visual_members(outcome: PieceOutcome) -> dict[str, Path]:
+    members = {AUS_MEMBER: "action_units", DESCRIPTION_MEMBER: "text_embedding", LATENTS_MEMBER: "latents"}
+    return {member: Path(outcome.features[stage]["dir"]) / outcome.features[stage]["file"]
+            for member, stage in members.items() if stage in outcome.features}
+
+
+def visual_rows(outcome: PieceOutcome, fps: int) -> tuple[list[dict], dict | None]:
+    """(action_units rows, one per frame; descriptions row or None) of a kept clip."""
+    features, clip_id = outcome.features, outcome.clip_id
+    aus = features["action_units"]
+    values = np.load(Path(aus["dir"]) / aus["file"])
+    au_rows = [{"clip_id": clip_id, "frame": frame, "time_s": round(frame / fps, 4),
+                **{name: None if np.isnan(value) else float(value)
+                   for name, value in zip(aus["au_names"], row, strict=True)},
+                "model": aus["model"]}
+               for frame, row in enumerate(values)]
+    description = None
+    if "describe" in features:
+        described, embedded = features["describe"], features.get("text_embedding")
+        description = {"clip_id": clip_id, "status": described["status"], "text": described["text"],
+                       "prompt": described["prompt"], "model": described["model"], "n_frames": described["n_frames"],
+                       "embedding_model": embedded["model"] if embedded else None,
+                       "embedding_shape": embedded["shape"] if embedded else None}
+    return au_rows, description
 
 
 def _embedding(result: dict, offset: int, row: int | None = None) -> list[float] | None:
@@ -220,7 +297,7 @@ def _embedding(result: dict, offset: int, row: int | None = None) -> list[float]
 
 def audio_rows(outcome: PieceOutcome) -> tuple[dict, dict, dict, list[dict]]:
     """(transcripts row, text_emotion row, speech_emotion row, va_windows rows) of a kept clip."""
-    audio, clip_id = outcome.audio, outcome.clip_id
+    audio, clip_id = outcome.features, outcome.clip_id
     separated, transcript = audio["separate"], audio["transcribe"]
     transcript_row = {
         "clip_id": clip_id, "status": transcript["status"], "text": transcript["text"],
@@ -305,7 +382,8 @@ def write_outputs(
     for outcome in kept:
         files = Path(outcome.files_dir)
         metadata = clip_metadata(outcome, settings)
-        audio_keys = ":".join(outcome.audio[stage]["key"] for stage in AUDIO_STAGES)
+        feature_keys = ":".join(outcome.features[stage]["key"] for stage in (*AUDIO_STAGES, *VISUAL_STAGES)
+                                if stage in outcome.features)
         samples.append(ShardSample(
             clip_id=outcome.clip_id,
             members={
@@ -315,8 +393,9 @@ def write_outputs(
                 "pose.npy": files / POSE_FILE,
                 "json": json.dumps(metadata, sort_keys=True).encode(),
                 **audio_members(outcome),
+                **visual_members(outcome),
             },
-            content_key=f"{outcome.content_key}:{audio_keys}:{json.dumps(metadata, sort_keys=True)}",
+            content_key=f"{outcome.content_key}:{feature_keys}:{json.dumps(metadata, sort_keys=True)}",
         ))
     shards_dir = out_dir / SHARDS_DIR
     manifests = write_shards(samples, shards_dir, max_samples_per_shard=settings.shards.max_samples_per_shard,
@@ -341,11 +420,17 @@ def write_outputs(
     rows = [audio_rows(outcome) for outcome in kept]
     write_table_atomic([row[0] for row in rows], TRANSCRIPTS_SCHEMA, tables_dir / TRANSCRIPTS_TABLE, ["clip_id"])
     write_table_atomic([row[1] for row in rows], TEXT_EMOTION_SCHEMA, tables_dir / TEXT_EMOTION_TABLE, ["clip_id"])
-    labels = tuple(kept[0].audio["speech_emotion"]["labels"]) if kept else ()
+    labels = tuple(kept[0].features["speech_emotion"]["labels"]) if kept else ()
     write_table_atomic([row[2] for row in rows], speech_emotion_schema(labels), tables_dir / SPEECH_EMOTION_TABLE,
                        ["clip_id"])
     write_table_atomic([window for row in rows for window in row[3]], VA_WINDOWS_SCHEMA,
                        tables_dir / VA_WINDOWS_TABLE, ["clip_id", "window_index"])
+    visual = [visual_rows(outcome, settings.standardise.fps) for outcome in kept]
+    au_names = tuple(kept[0].features["action_units"]["au_names"]) if kept else ()
+    write_table_atomic([row for au_rows, _ in visual for row in au_rows], action_units_schema(au_names),
+                       tables_dir / ACTION_UNITS_TABLE, ["clip_id", "frame"])
+    write_table_atomic([row for _, row in visual if row], DESCRIPTIONS_SCHEMA, tables_dir / DESCRIPTIONS_TABLE,
+                       ["clip_id"])
     tiny = tiny_model_stages(settings)
 
     reasons = Counter(outcome.rejection.reason for outcome in outcomes if outcome.rejection)
@@ -354,7 +439,8 @@ def write_outputs(
         n_clips=len(outcomes), n_kept=len(kept), n_rejected=len(outcomes) - len(kept),
         kept_seconds=round(sum(outcome.stats.duration_s for outcome in kept), 2),
         reasons=dict(reasons), n_shards=len(manifests), n_annotation_issues=len(issues),
-        audio_models=audio_model_refs(settings),
-        n_with_speech=sum(1 for outcome in kept if outcome.audio["separate"]["has_speech"]),
+        models=model_refs(settings),
+        n_with_speech=sum(1 for outcome in kept if outcome.features["separate"]["has_speech"]),
+        n_described=sum(1 for _, row in visual if row and row["status"] == "ok"),
         warning=f"{TINY_MODELS_WARNING} (stages: {', '.join(tiny)})" if tiny else None,
     )

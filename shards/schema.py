@@ -72,7 +72,12 @@ EMOTION_ARRAYS: tuple[str, ...] = (
     "va_embedding",  # (K, D_va) 1024 for the default model
 )
 EMOTION_VALID_ARRAYS: tuple[str, ...] = ("text_valid", "speech_valid", "va_valid")
-OPTIONAL_MEMBERS: tuple[str, ...] = (WAV2VEC_MEMBER, VOCALS_MEMBER, EMOTION_MEMBER)
+AUS_MEMBER = "aus.npy"  # float32 (T, N_AU) action-unit intensities per frame; the json's "action_units" names them
+DESCRIPTION_MEMBER = "clip_text.npy"  # float16 (77, D) CLIP text last hidden state of the clip's description
+CLIP_TEXT_TOKENS = 77  # SD 1.5's text context length
+LATENTS_MEMBER = "latents.npy"  # float16 (T, 4, 64, 64) SD VAE posterior means times the json's scaling_factor
+OPTIONAL_MEMBERS: tuple[str, ...] = (WAV2VEC_MEMBER, VOCALS_MEMBER, EMOTION_MEMBER, AUS_MEMBER, DESCRIPTION_MEMBER,
+                                     LATENTS_MEMBER)
 
 # The name each member gets in the dicts the reader yields. Members not listed here keep their name
 # without the extension (``wav2vec.npy`` -> ``wav2vec``).

@@ -10,6 +10,9 @@
 - ``text_emotion.parquet``: one row per kept clip: 7 class probabilities of the transcript (null when flagged).
 - ``speech_emotion.parquet``: one row per kept clip: one probability column per class of the SER model.
 - ``va_windows.parquet``: one row per (kept clip, 2 s window, hop 1 s): arousal, dominance, valence.
+- ``action_units.parquet``: one row per (kept clip, frame): one intensity column per AU (``AU12``, ...).
+- ``descriptions.parquet``: one row per kept clip: the captioning model's description, its prompt and model,
+  and the CLIP text encoder that embedded it.
 
 Every row of the audio tables names the model that produced it (``model``). See docs/tables.md.
 
@@ -33,6 +36,8 @@ TRANSCRIPTS_TABLE = "transcripts.parquet"
 TEXT_EMOTION_TABLE = "text_emotion.parquet"
 SPEECH_EMOTION_TABLE = "speech_emotion.parquet"
 VA_WINDOWS_TABLE = "va_windows.parquet"
+ACTION_UNITS_TABLE = "action_units.parquet"
+DESCRIPTIONS_TABLE = "descriptions.parquet"
 
 KEPT, REJECTED = "kept", "rejected"
 
@@ -86,9 +91,14 @@ CLIPS_SCHEMA = pa.schema([
     ("speech_emotion_s", pa.float64()),
     ("valence_arousal_s", pa.float64()),
     ("wav2vec_s", pa.float64()),
+    ("action_units_s", pa.float64()),
+    ("describe_s", pa.float64()),
+    ("text_embedding_s", pa.float64()),
+    ("latents_s", pa.float64()),
 ])
 TIMING_COLUMNS = ("probe_s", "locate_s", "standardise_s", "faces_s", "cut_s", "separate_s", "transcribe_s",
-                  "text_emotion_s", "speech_emotion_s", "valence_arousal_s", "wav2vec_s")
+                  "text_emotion_s", "speech_emotion_s", "valence_arousal_s", "wav2vec_s", "action_units_s",
+                  "describe_s", "text_embedding_s", "latents_s")
 
 STAGE_TIMINGS_SCHEMA = pa.schema([
     ("candidate_id", pa.string()),
@@ -167,6 +177,30 @@ VA_WINDOWS_SCHEMA = pa.schema([
     ("valence", pa.float64()),
     ("embedding", pa.list_(pa.float32())),  # mean-pooled last hidden state (1024 for the default model)
     ("model", pa.string()),
+])
+
+
+def action_units_schema(au_names: tuple[str, ...]) -> pa.Schema:
+    """One float column per AU of the estimator (default: the geometric face-mesh measures, unitless; NaN on
+    frames without a face)."""
+    return pa.schema([
+        ("clip_id", pa.string()),
+        ("frame", pa.int32()),  # 0-based frame index within the clip (25 fps)
+        ("time_s", pa.float64()),  # frame / fps
+        *[(name, pa.float32()) for name in au_names],
+        ("model", pa.string()),  # the AU estimator (geometric-facemesh-v1 or the exported detector's file)
+    ])
+
+
+DESCRIPTIONS_SCHEMA = pa.schema([
+    ("clip_id", pa.string()),
+    ("status", pa.string()),  # ok / empty (the model answered nothing; recorded, never invented)
+    ("text", pa.string()),
+    ("prompt", pa.string()),
+    ("model", pa.string()),  # the captioning model reference
+    ("n_frames", pa.int32()),  # frames sampled uniformly over the clip and shown to the model
+    ("embedding_model", pa.string()),  # the CLIP text encoder of clip_text.npy (null when not embedded)
+    ("embedding_shape", pa.list_(pa.int32())),  # [77, 768] for SD 1.5
 ])
 
 

@@ -23,13 +23,17 @@ from shards.schema import (
     AUDIO_MEMBER,
     AUDIO_SAMPLES_PER_FRAME,
     AUDIO_SUBTYPE,
+    AUS_MEMBER,
     CLIP_ID_PATTERN,
+    CLIP_TEXT_TOKENS,
+    DESCRIPTION_MEMBER,
     FPS,
     FRAME_SIZE,
     INDEX_NAME,
     LANDMARK_DIMS,
     LANDMARKS_DTYPE,
     LANDMARKS_MEMBER,
+    LATENTS_MEMBER,
     META_MEMBER,
     N_LANDMARKS,
     POSE_DIMS,
@@ -42,6 +46,8 @@ from shards.schema import (
     TEMP_NAME_PATTERN,
     VIDEO_CODEC,
     VIDEO_MEMBER,
+    VOCALS_MEMBER,
+    WAV2VEC_MEMBER,
     ShardManifest,
     index_json,
     missing_meta_keys,
@@ -210,6 +216,12 @@ def validate_sample(clip_id: str, members: dict[str, bytes]) -> list[str]:
         POSE_MEMBER: lambda data: check_array(data, (n_frames, POSE_DIMS), POSE_DTYPE),
         AUDIO_MEMBER: lambda data: check_wav(data, n_frames),
         VIDEO_MEMBER: lambda data: check_video(data, n_frames),
+        # the feature stages' members, when present: one entry per frame, in their documented dtype
+        VOCALS_MEMBER: lambda data: check_wav(data, n_frames),
+        WAV2VEC_MEMBER: lambda data: check_per_frame_array(data, n_frames, "float16", ndim=3),
+        AUS_MEMBER: lambda data: check_per_frame_array(data, n_frames, "float32", ndim=2),
+        LATENTS_MEMBER: lambda data: check_per_frame_array(data, n_frames, "float16", ndim=4),
+        DESCRIPTION_MEMBER: lambda data: check_text_embedding(data),
     }
     for member, check in checks.items():
         if member in members:
@@ -228,6 +240,27 @@ def check_array(data: bytes, shape: tuple[int, ...], dtype: str) -> list[str]:
         problems.append(f"shape {array.shape}, expected {shape} (T = json n_frames)")
     if array.dtype != np.dtype(dtype):
         problems.append(f"dtype {array.dtype}, expected {dtype}")
+    return problems
+
+
+def check_per_frame_array(data: bytes, n_frames: int, dtype: str, ndim: int) -> list[str]:
+    """An array with one entry per video frame: (T, ...) with ``ndim`` dimensions."""
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    problems = []
+    if array.ndim != ndim or array.shape[0] != n_frames:
+        problems.append(f"shape {array.shape}, expected {ndim} dimensions with T = {n_frames} first")
+    if array.dtype != np.dtype(dtype):
+        problems.append(f"dtype {array.dtype}, expected {dtype}")
+    return problems
+
+
+def check_text_embedding(data: bytes) -> list[str]:
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    problems = []
+    if array.ndim != 2 or array.shape[0] != CLIP_TEXT_TOKENS:
+        problems.append(f"shape {array.shape}, expected ({CLIP_TEXT_TOKENS}, D)")
+    if array.dtype != np.float16:
+        problems.append(f"dtype {array.dtype}, expected float16")
     return problems
 
 

@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised audio models of the very classes the pipeline loads, built offline.
+"""Tiny models of the very classes the pipeline loads, built offline (random, except the VAE).
 
 ``build_tiny_models(directory)`` writes, under ``directory``:
 
@@ -8,6 +8,10 @@
     speech-emotion/              HubertForSequenceClassification, labels neu/hap/ang/sad, feature extractor
     valence-arousal/             preprocess.va_model.EmotionModel (Wav2Vec2 + regression head, 3 outputs)
     wav2vec2/                    Wav2Vec2Model, feature extractor
+    captioner/                   LlavaForConditionalGeneration + LlavaProcessor (a transformers image-text model)
+    sd15/                        a Stable Diffusion 1.5 folder layout: tokenizer/ + text_encoder/ (CLIPTextModel)
+                                 and vae/ (AutoencoderKL, trained for seconds on the project's own images so that
+                                 its latents decode back to the frames)
     README.txt                   says loudly that their outputs mean nothing
 
 They exercise every code path (same classes, same loaders, same shapes apart from widths, the same 320-sample
@@ -28,10 +32,11 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-VERSION = 2  # bump when a tiny model changes: it is rebuilt, and the tiny profile's cache keys include it
-README = f"""Tiny RANDOM audio models (synchrorama.tiny_models, version {VERSION}).
+VERSION = 3  # bump when a tiny model changes: it is rebuilt, and the tiny profile's cache keys include it
+README = f"""Tiny RANDOM models (synchrorama.tiny_models, version {VERSION}).
 They have the classes and shapes of the real models but random weights: every number they produce
-(transcripts, emotions, valence/arousal, wav2vec features) MEANS NOTHING. For tests and the offline demo only.
+(transcripts, emotions, valence/arousal, wav2vec features, descriptions, text embeddings) MEANS NOTHING;
+the tiny VAE only learned to reconstruct a few synthetic images. For tests and the offline demo only.
 """
 TEXT_EMOTION_LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 SPEECH_EMOTION_LABELS = ("neu", "hap", "ang", "sad")  # superb/hubert-large-superb-er's labels
@@ -158,6 +163,19 @@ def _build_wav2vec(out: Path) -> None:
     _feature_extractor().save_pretrained(out)
 
 
+def _build_captioner(out: Path) -> None:
+    from synchrorama.tiny_vision_models import build_tiny_captioner
+
+    build_tiny_captioner(out)
+
+
+def _build_sd15(out: Path) -> None:
+    from synchrorama.tiny_vision_models import build_tiny_sd_text_encoder, build_tiny_sd_vae
+
+    build_tiny_sd_text_encoder(out)
+    build_tiny_sd_vae(out)
+
+
 BUILDERS = {
     "htdemucs": _build_demucs,
     "whisper": _build_whisper,
@@ -165,6 +183,8 @@ BUILDERS = {
     "speech-emotion": _build_speech_emotion,
     "valence-arousal": _build_valence_arousal,
     "wav2vec2": _build_wav2vec,
+    "captioner": _build_captioner,
+    "sd15": _build_sd15,
 }
 
 

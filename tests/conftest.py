@@ -28,3 +28,18 @@ def frontal_video(tmp_path_factory):
 def pair_video(tmp_path_factory):
     """Two faces side by side (multi-speaker)."""
     return make_talking_video(tmp_path_factory.mktemp("media") / "pair.mp4", layout="pair", seconds=4.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_feature_run(tmp_path_factory):
+    """One preprocess run (tiny profile, optional VAE latents on) over a speaking and a silent clip, shared by
+    the audio and the visual feature tests: (raw_dir, out_dir, summary, overrides)."""
+    from flows.preprocess import preprocess
+
+    raw = tmp_path_factory.mktemp("raw")
+    make_talking_video(raw / "talk.mp4", seconds=4.0)
+    make_talking_video(raw / "quiet.mp4", seconds=4.0, audio="silence")
+    out = tmp_path_factory.mktemp("out")
+    overrides = {"visual": {"latents": {"enabled": True}}}
+    summary = preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny", overrides=overrides)
+    return raw, out, summary, overrides

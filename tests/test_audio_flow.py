@@ -13,7 +13,7 @@ import torch
 
 from flows.preprocess import preprocess
 from model.emotion_embedding import EmotionFeatures
-from preprocess import audio_models
+from preprocess import stage_models
 from shards.reader import clip_dataset
 from shards.schema import EMOTION_ARRAYS, EMOTION_VALID_ARRAYS, OPTIONAL_MEMBERS, REQUIRED_MEMBERS
 from shards.tables import (
@@ -25,19 +25,13 @@ from shards.tables import (
     VA_WINDOWS_TABLE,
 )
 from shards.validate import validate_shards
-from synchrorama.sample_data import make_talking_video
 
 KEPT = {"talk": 100, "quiet": 100}  # clip id -> frames (4 s at 25 fps)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    raw = tmp_path_factory.mktemp("raw")
-    make_talking_video(raw / "talk.mp4", seconds=4.0)
-    make_talking_video(raw / "quiet.mp4", seconds=4.0, audio="silence")
-    out = tmp_path_factory.mktemp("out")
-    summary = preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny")
-    return raw, out, summary
+@pytest.fixture
+def run(tiny_feature_run):
+    return tiny_feature_run
 
 
 def _rows(out, table) -> list[dict]:
@@ -45,7 +39,7 @@ def _rows(out, table) -> list[dict]:
 
 
 def test_every_kept_clip_has_rows_in_every_audio_table(run):
-    _, out, summary = run
+    _, out, summary, _ = run
     assert summary["n_kept"] == 2 and summary["n_with_speech"] == 1
     assert "MEAN NOTHING" in summary["warning"]
     for table in (TRANSCRIPTS_TABLE, TEXT_EMOTION_TABLE, SPEECH_EMOTION_TABLE):
@@ -74,7 +68,7 @@ def test_every_kept_clip_has_rows_in_every_audio_table(run):
 
 
 def test_every_kept_clip_carries_its_audio_features_in_the_shard(run):
-    _, out, _ = run
+    _, out, _, _ = run
     assert validate_shards(out / "shards") == []
     seen = set()
     for clip in clip_dataset(out / "shards", members=REQUIRED_MEMBERS + OPTIONAL_MEMBERS, decode_video=False):
@@ -104,14 +98,14 @@ def test_every_kept_clip_carries_its_audio_features_in_the_shard(run):
 
 
 def test_second_run_loads_no_model_and_does_no_audio_work(run):
-    raw, out, _ = run
+    raw, out, _, overrides = run
     shards = {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")}
-    audio_models.clear_cache()
-    loads = dict(audio_models.load_count)
-    preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny")
-    assert audio_models.load_count == loads
+    stage_models.clear_cache()
+    loads = dict(stage_models.load_count)
+    preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny", overrides=overrides)
+    assert stage_models.load_count == loads
     timings = _rows(out, STAGE_TIMINGS_TABLE)
-    assert {"separate", "transcribe", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec"} <= {
-        row["stage"] for row in timings}
+    assert {"separate", "transcribe", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec",
+            "action_units", "describe", "text_embedding", "latents"} <= {row["stage"] for row in timings}
     assert all(row["cached"] for row in timings)
     assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")} == shards

@@ -12,10 +12,10 @@ import pytest
 import soundfile
 import torch
 
-from preprocess import audio_models
-from preprocess.audio_models import ModelNotFoundError, load_model
+from preprocess import stage_models
 from preprocess.pipeline import AUDIO_STAGES, PieceOutcome, Workspace, run_audio_stages
 from preprocess.settings import ModelChoice, load_settings
+from preprocess.stage_models import ModelNotFoundError, load_model
 from preprocess.standardise import AUDIO_FILE
 from preprocess.text_emotion import TEXT_EMOTION_CLASSES
 from preprocess.valence_arousal import window_bounds
@@ -70,29 +70,29 @@ def processed(pieces, tiny, tmp_path_factory):
 
 
 def _array(outcome: PieceOutcome, stage: str) -> np.ndarray:
-    return np.load(Path(outcome.audio[stage]["dir"]) / outcome.audio[stage]["file"])
+    return np.load(Path(outcome.features[stage]["dir"]) / outcome.features[stage]["file"])
 
 
 def test_every_stage_gives_outputs_of_the_right_shape_and_type(processed):
     _, outcomes = processed
     for name, outcome in outcomes.items():
         assert outcome.kept, (name, outcome.rejection)
-        assert set(outcome.audio) == set(AUDIO_STAGES)
+        assert set(outcome.features) == set(AUDIO_STAGES)
         n_frames = outcome.frames[1]
-        vocals, rate = soundfile.read(Path(outcome.audio["separate"]["dir"]) / "vocals.wav", dtype="int16")
+        vocals, rate = soundfile.read(Path(outcome.features["separate"]["dir"]) / "vocals.wav", dtype="int16")
         assert rate == RATE and vocals.ndim == 1 and len(vocals) == n_frames * 640
         wav2vec = _array(outcome, "wav2vec")
         assert wav2vec.dtype == np.float16 and wav2vec.ndim == 3 and wav2vec.shape[0] == n_frames
-        assert wav2vec.shape[1:] == (outcome.audio["wav2vec"]["n_layers"], outcome.audio["wav2vec"]["hidden_size"])
+        assert wav2vec.shape[1:] == (outcome.features["wav2vec"]["n_layers"], outcome.features["wav2vec"]["hidden_size"])
         assert np.isfinite(wav2vec).all()
-        text, speech, va = (outcome.audio[stage] for stage in ("text_emotion", "speech_emotion", "valence_arousal"))
+        text, speech, va = (outcome.features[stage] for stage in ("text_emotion", "speech_emotion", "valence_arousal"))
         assert _array(outcome, "text_emotion").shape == (7 + text["embedding_dim"],)
         assert _array(outcome, "speech_emotion").shape == (len(speech["labels"]) + speech["embedding_dim"],)
         assert _array(outcome, "valence_arousal").shape == (len(va["windows"]), 3 + va["embedding_dim"])
         for stage in AUDIO_STAGES:
-            assert outcome.audio[stage]["model"].startswith(".models/tiny/")
+            assert outcome.features[stage]["model"].startswith(".models/tiny/")
 
-    speech = outcomes["speech_music"].audio
+    speech = outcomes["speech_music"].features
     assert speech["separate"]["has_speech"] and speech["separate"]["status"] == "separated"
     assert speech["transcribe"]["language"] == "en" and speech["transcribe"]["status"] in ("ok", "empty")
     if speech["transcribe"]["status"] == "ok":
@@ -124,9 +124,9 @@ def test_va_windows_overlap_by_half_and_cover_the_clip(seconds):
 
 def test_va_rows_come_from_those_windows(processed):
     _, outcomes = processed
-    windows = outcomes["speech_music"].audio["valence_arousal"]["windows"]
+    windows = outcomes["speech_music"].features["valence_arousal"]["windows"]
     assert [(w["start_s"], w["end_s"]) for w in windows] == [(0.0, 2.0), (1.0, 3.0), (2.0, 4.0), (3.0, 5.0)]
-    assert outcomes["speech_music"].audio["valence_arousal"]["hop_s"] == 1.0
+    assert outcomes["speech_music"].features["valence_arousal"]["hop_s"] == 1.0
 
 
 def test_wav2vec_alignment_gives_one_vector_set_per_video_frame():
@@ -146,7 +146,7 @@ def test_silence_and_speechless_clips_give_flagged_rows_not_invented_text(pieces
     speechless = load_settings("tiny", {"audio": {"separation": {"activity_frame_dbfs": 0.0}}})
     workspace = Workspace(tmp_path)
     for name, settings in (("silent", tiny), ("music", speechless)):
-        audio = run_audio_stages(pieces[name], settings, workspace).audio
+        audio = run_audio_stages(pieces[name], settings, workspace).features
         assert audio["separate"]["has_speech"] is False
         assert audio["transcribe"]["status"] == "no_speech" and audio["transcribe"]["text"] == ""
         assert audio["transcribe"]["language"] is None and audio["transcribe"]["segments"] == []
@@ -157,7 +157,7 @@ def test_silence_and_speechless_clips_give_flagged_rows_not_invented_text(pieces
             assert not np.load(Path(audio[stage]["dir"]) / audio[stage]["file"]).any()
         wav2vec = np.load(Path(audio["wav2vec"]["dir"]) / audio["wav2vec"]["file"])
         assert wav2vec.shape[0] == pieces[name].frames[1]  # acoustic features exist even for silence
-    silent = run_audio_stages(pieces["silent"], tiny, workspace).audio
+    silent = run_audio_stages(pieces["silent"], tiny, workspace).features
     assert silent["separate"]["status"] == "silent_input" and silent["separate"]["vocals_rms_dbfs"] is None
     vocals, _ = soundfile.read(Path(silent["separate"]["dir"]) / "vocals.wav")
     assert not vocals.any()
@@ -176,14 +176,14 @@ def test_non_english_transcript_is_flagged(processed, tiny, tmp_path):
 
 def test_rerun_does_no_model_work(processed, pieces, tiny):
     workspace, first = processed
-    audio_models.clear_cache()
-    loads_before = dict(audio_models.load_count)
+    stage_models.clear_cache()
+    loads_before = dict(stage_models.load_count)
     again = {name: run_audio_stages(piece, tiny, Workspace(workspace.out_dir)) for name, piece in pieces.items()}
-    assert audio_models.load_count == loads_before  # no model was even loaded
+    assert stage_models.load_count == loads_before  # no model was even loaded
     for name, outcome in again.items():
         assert [t.stage for t in outcome.timings] == list(AUDIO_STAGES)
         assert all(t.cached for t in outcome.timings)
-        assert {s: r["key"] for s, r in outcome.audio.items()} == {s: r["key"] for s, r in first[name].audio.items()}
+        assert {s: r["key"] for s, r in outcome.features.items()} == {s: r["key"] for s, r in first[name].features.items()}
 
 
 def test_models_load_once_per_process(tiny):

@@ -240,13 +240,25 @@ def test_reader_decodes_only_requested_members(samples, tmp_path):
     assert isinstance(undecoded["video"], bytes)
 
 
+def test_validation_checks_feature_members_against_the_frame_count(mp4_files, tmp_path):
+    sample = make_sample("clip_a", mp4_files["clip_a"], 8, **{
+        "aus.npy": npy_bytes(np.zeros((7, 8), np.float32)),  # one frame short
+        "latents.npy": npy_bytes(np.zeros((8, 4, 64, 64), np.float32)),  # float32, not float16
+        "clip_text.npy": npy_bytes(np.zeros((77, 768), np.float16)),  # fine
+    })
+    write_shards([sample], tmp_path)
+    problems = validate_shards(tmp_path)
+    assert len(problems) == 2
+    assert "aus.npy: shape (7, 8)" in problems[0] and "latents.npy: dtype float32, expected float16" in problems[1]
+
+
 def test_extra_members_are_written_and_read(mp4_files, tmp_path):
-    features = np.ones((8, 768), np.float16)
+    features = np.ones((8, 13, 768), np.float16)
     sample = make_sample("clip_a", mp4_files["clip_a"], 8, **{"wav2vec.npy": npy_bytes(features)})
     write_shards([sample], tmp_path)
     assert validate_shards(tmp_path) == []
     (clip,) = clip_dataset(tmp_path, members=["wav2vec.npy", "wav"])
-    assert clip["wav2vec"].shape == (8, 768) and clip["wav2vec"].dtype == torch.float32
+    assert clip["wav2vec"].shape == (8, 13, 768) and clip["wav2vec"].dtype == torch.float32
     assert set(clip) == {"__key__", "clip_id", "meta", "audio", "wav2vec"}
 
 
