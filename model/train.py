@@ -542,8 +542,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(records, model, ema)
 
 
-def main(argv: list[str] | None = None) -> TrainResult:
-    return train(parse_config(argv))
+def main(argv: list[str] | None = None, prog: str = "python -m model.train") -> TrainResult:
+    return train(parse_config(argv, prog))
 
 
 if __name__ == "__main__":

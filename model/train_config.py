@@ -124,9 +124,9 @@ def _comments() -> dict[str, str]:
     return dict(found)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m model.train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m model.train",
+        prog=prog,
         description="Train SynchroRaMa (stage a2m, stage1 or stage2). Settings: defaults < --config TOML < "
                     "--flags < key=value overrides.",
         epilog="Example: python -m model.train --config configs/train_tiny.toml --shards out/demo/shards "
@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
+def parse_config(argv: list[str] | None = None, prog: str = "python -m model.train") -> TrainConfig:
+    args = vars(build_parser(prog).parse_args(argv))
     values = load_toml(args.pop("config")) if args.get("config") else {}
     args.pop("config", None)
     overrides = args.pop("overrides")

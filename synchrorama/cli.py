@@ -152,6 +152,29 @@ def validate_command(out_dir: Path = typer.Argument(..., help="a preprocess out_
     console.print(f"[green]{shard_dir}: shards valid[/green]")
 
 
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                       "help_option_names": []}, add_help_option=False)
+def train_command(ctx: typer.Context) -> None:
+    """Train the model on shards (stage a2m, stage1 or stage2); `synchrorama train --help` lists every setting.
+    Several GPUs: torchrun --nproc_per_node=N -m model.train with the same arguments."""
+    from model.train import main
+
+    main(list(ctx.args), prog="synchrorama train")
+
+
+@app.command("build-tiny-models")
+def build_tiny_models_command(
+    out: Path = typer.Argument(None, help="where to build them (default: the tiny profile's .models/tiny)"),
+) -> None:
+    """Build the tiny models of the real classes that profile 'tiny' uses (offline, once; their numbers mean
+    nothing). Preprocessing with profile 'tiny' also builds them on first use."""
+    from preprocess.stage_models import TINY_DIR
+    from synchrorama.tiny_models import build_tiny_models
+
+    path = build_tiny_models(out or TINY_DIR)
+    console.print(f"tiny models in [bold]{path}[/bold] (random weights: their outputs MEAN NOTHING)")
+
+
 @app.command("summary")
 def summary_command(size: str = typer.Option("tiny", help="full (SD 1.5 size) or tiny")) -> None:
     """Print the model's parameter counts per component."""

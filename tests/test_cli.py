@@ -1,4 +1,4 @@
-"""The `synchrorama` command line: run, inspect, report, validate, sample-data, summary."""
+"""The `synchrorama` command line: run, inspect, report, validate, sample-data, summary, train."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def small_run(tmp_path_factory):
 def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("run", "serve", "inspect", "report", "validate", "sample-data", "summary", "download-hdtf"):
+    for command in ("run", "serve", "inspect", "report", "validate", "sample-data", "summary", "download-hdtf",
+                    "train", "build-tiny-models"):
         assert command in result.output
 
 
@@ -43,9 +44,14 @@ def test_report_writes_html_with_plots(small_run):
     result = runner.invoke(app, ["report", str(small_run)])
     assert result.exit_code == 0, result.output
     page = (small_run / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4
-    for title in ("Head yaw", "Kept clip durations", "Reject reasons", "Time per stage"):
+    assert page.count("data:image/png;base64,") == 5
+    for title in ("Head yaw", "Kept clip durations", "Reject reasons", "Time per stage",
+                  "Action units over all kept frames"):
         assert title in page
+    # the AU summary (100 frames of the one kept clip) and the sample of descriptions with the prompt
+    assert "100 frames of 1 clips" in page and "geometric-facemesh-v1" in page
+    assert "<h2>descriptions</h2><p>1 clips described" in page and "wearing earrings" in page
+    assert "MEAN NOTHING" in page
 
 
 def test_validate_passes_then_catches_a_corrupted_shard(small_run, tmp_path):
@@ -61,3 +67,15 @@ def test_validate_passes_then_catches_a_corrupted_shard(small_run, tmp_path):
 def test_summary_prints_component_counts():
     result = runner.invoke(app, ["summary", "--size", "tiny"])
     assert result.exit_code == 0 and "ReferenceNet" in result.output
+
+
+def test_train_help_lists_every_setting():
+    from dataclasses import fields
+
+    from model.train_config import TrainConfig
+
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "usage: synchrorama train" in result.output
+    for field in fields(TrainConfig):
+        assert f"--{field.name}" in result.output
