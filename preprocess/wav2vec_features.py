@@ -64,7 +64,9 @@ def wav2vec_frames(vocals_path: Path, n_frames: int, fps: int, loaded: LoadedMod
     inputs = loaded.processor(audio, sampling_rate=sample_rate, return_tensors="pt")
     with torch.inference_mode():
         output = loaded.model(inputs["input_values"].to(loaded.device, loaded.dtype), output_hidden_states=True)
-    layers = torch.stack(output.hidden_states, dim=1)[0].float().cpu().numpy()  # (T_feat, L + 1, H)
+    # hidden_states: L + 1 tensors of (1, T_feat, H); stacked on a new third axis -> (T_feat, L + 1, H), so that
+    # the resampling below runs over time, not over layers
+    layers = torch.stack(output.hidden_states, dim=2)[0].float().cpu().numpy()
     stride, field = encoder_geometry(loaded.model.config)
     frames = features_to_frames(layers, n_frames, samples_per_frame, stride, field).astype(np.float16)
     np.save(out_dir / WAV2VEC_FILE, frames)

@@ -84,6 +84,9 @@ def test_every_stage_gives_outputs_of_the_right_shape_and_type(processed):
         wav2vec = _array(outcome, "wav2vec")
         assert wav2vec.dtype == np.float16 and wav2vec.ndim == 3 and wav2vec.shape[0] == n_frames
         assert wav2vec.shape[1:] == (outcome.features["wav2vec"]["n_layers"], outcome.features["wav2vec"]["hidden_size"])
+        # all hidden states (the projected CNN features and every transformer layer), not time steps
+        config = load_model("wav2vec", load_settings("tiny").models.wav2vec).model.config
+        assert wav2vec.shape[1:] == (config.num_hidden_layers + 1, config.hidden_size)
         assert np.isfinite(wav2vec).all()
         text, speech, va = (outcome.features[stage] for stage in ("text_emotion", "speech_emotion", "valence_arousal"))
         assert _array(outcome, "text_emotion").shape == (7 + text["embedding_dim"],)
