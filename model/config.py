@@ -171,15 +171,18 @@ def full_config() -> ModelConfig:
 
 
 def tiny_config() -> ModelConfig:
+    # The feature sizes are those of the preprocessing's tiny profile (synchrorama/tiny_models.py: 32-wide
+    # models, wav2vec with 2 layers + projection, SD-layout text encoder with 77 tokens), so the tiny model trains
+    # on what `preprocess(..., profile="tiny")` writes without recomputing anything.
     data = DataShapes(
         image_size=32,
         latent_size=16,
         wav2vec_layers=3,
-        wav2vec_dim=16,
-        text_emotion_dim=16,
-        speech_emotion_dim=16,
-        va_dim=16,
-        text_tokens=8,
+        wav2vec_dim=32,
+        text_emotion_dim=32,
+        speech_emotion_dim=32,
+        va_dim=32,
+        text_tokens=77,
         text_dim=32,
     )
     return ModelConfig(

@@ -86,6 +86,7 @@ class WindowSpec:
     motion_frames: int
     image_size: int = schema.FRAME_SIZE
     prefer_cached: bool = True
+    latent_size: int = schema.FRAME_SIZE // 8  # cached latents of another size are ignored (pixels used instead)
 
     def __post_init__(self):
         if self.stage not in STAGE_NEEDS:
@@ -205,8 +206,11 @@ def decode_window(sample: dict[str, Any], rng: random.Random, *, spec: WindowSpe
     count = spec.frames
     window: dict[str, Any] = {"first_frame": torch.tensor(start)}
     # The stage's frames: the motion frames for a2m, motion + clip frames otherwise.
-    if spec.prefer_cached and LATENTS_MEMBER in sample:
-        latents = torch.from_numpy(load_npy(sample[LATENTS_MEMBER]).astype(np.float32))
+    latents = load_npy(sample[LATENTS_MEMBER]) if spec.prefer_cached and LATENTS_MEMBER in sample else None
+    if latents is not None and latents.shape[-1] != spec.latent_size:
+        latents = None  # cached for another frame size (e.g. 512 px shards, a tiny 32 px model): use the pixels
+    if latents is not None:
+        latents = torch.from_numpy(latents.astype(np.float32))
         window["latents"] = latents[start:start + count]
         window["reference_latents"] = latents[reference_index]
     else:

@@ -123,13 +123,13 @@ def test_windows_have_the_stage_shapes_and_bad_clips_are_skipped(shard_dir):
 def test_cached_features_are_used_when_present(tmp_path):
     directory = write_training_shards(tmp_path, n_clips=2, frames=12, cached_wav2vec=True)
     batch = next(iter(TrainingWindows(directory, _spec(), batch_size=2, shuffle_buffer=0)))
-    assert batch["wav2vec"].shape == (2, 6, 3, 16)
+    d = tiny_config().data
+    assert batch["wav2vec"].shape == (2, 6, d.wav2vec_layers, d.wav2vec_dim)
     assert sorted(batch["wav2vec"][:, 0, 0, 0].tolist()) == [0.0, 1.0]
-    assert batch["emotion.va_embedding"].shape == (2, 3, 16)  # clip0's 2 VA windows padded to clip1's 3
+    assert batch["emotion.va_embedding"].shape == (2, 3, d.va_dim)  # clip0's 2 VA windows padded to clip1's 3
     plain = next(iter(TrainingWindows(directory, _spec(prefer_cached=False), batch_size=2, shuffle_buffer=0)))
     assert "wav2vec" not in plain
 
-    from model.config import tiny_config
     from model.tiny_components import tiny_audio_encoder, tiny_vae
     from model.train import training_batch
     from model.train_config import TrainConfig
@@ -139,9 +139,9 @@ def test_cached_features_are_used_when_present(tmp_path):
     for raw, cached in ((batch, True), (plain, False)):
         ready = training_batch(dict(raw), TrainConfig(), cfg, tiny_vae(cfg).eval(), tiny_audio_encoder(cfg).eval(), "cpu")
         assert ready.latents.shape == (2, 4, 4, 16, 16) and ready.motion_latents.shape == (2, 2, 4, 16, 16)
-        assert ready.audio_features.shape == (2, 6, 3, 16)
+        assert ready.audio_features.shape == (2, 6, d.wav2vec_layers, d.wav2vec_dim)
         assert torch.equal(ready.audio_features, batch["wav2vec"]) == cached
-        assert ready.emotion.text_probs.shape == (2, 7) and ready.emotion.va_embedding.shape[-1] == 16
+        assert ready.emotion.text_probs.shape == (2, 7) and ready.emotion.va_embedding.shape[-1] == d.va_dim
         assert ready.emotion.va_values.any()  # emotion inputs are inputs, not caches: read either way
 
 

@@ -4,6 +4,7 @@ resumed run logs exactly the losses of an uninterrupted one, and two gloo proces
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -123,3 +124,15 @@ def test_learning_rate_warms_up_then_follows_a_cosine():
     cfg = TrainConfig(warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert learning_rate(0, cfg) == pytest.approx(0.1) and learning_rate(9, cfg) == pytest.approx(1.0)
     assert learning_rate(60, cfg) == pytest.approx(0.55) and learning_rate(110, cfg) == pytest.approx(0.1)
+
+
+def test_stage2_trains_on_what_the_tiny_preprocessing_profile_writes(tiny_feature_run, tmp_path, caplog):
+    # the contract between the two halves: shards from `preprocess(profile="tiny")` (wav2vec features, emotion
+    # inputs, AUs, CLIP text embeddings, 512 px latents) feed the tiny model with nothing recomputed or zeroed
+    _, out, _, _ = tiny_feature_run
+    with caplog.at_level("WARNING", logger="model.train"):
+        result = _run(out / "shards", tmp_path, "stage=stage2", "max_steps=2", "num_workers=0", "val_samples=0",
+                      "checkpoint_every=1000")
+    assert [r["step"] for r in result.records] == [1, 2]
+    assert all(math.isfinite(r["loss/total"]) for r in result.records)
+    assert not [r.message for r in caplog.records if "zeros" in r.message or "instead" in r.message]
