@@ -481,27 +481,12 @@ def run_latents(outcome: PieceOutcome, settings: PreprocessSettings, workspace: 
 
     def compute(out_dir: Path) -> dict:
         vae = load_model("vae", choice)
-        latents = vae.model.encode_video(_piece_file(outcome, VIDEO_FILE))
+        latents = vae.model.encode_video(_piece_file(outcome, VIDEO_FILE), size=settings.standardise.size)
         np.save(out_dir / LATENTS_FILE, latents)
         return {"file": LATENTS_FILE, "shape": list(latents.shape), "model": choice.model,
                 "scaling_factor": vae.model.scaling_factor}
 
     return _run_piece_stage("latents", outcome, workspace, [outcome.content_key, _model_identity(choice)], compute)
-
-
-VISUAL_STAGE_FUNCTIONS = {
-    "action_units": run_action_units,
-    "describe": run_describe,
-    "text_embedding": run_text_embedding,
-    "latents": run_latents,
-}
-
-
-def run_visual_stages(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
-    """Every visual/semantic stage in order, without Prefect (tests, benchmarks)."""
-    for stage in VISUAL_STAGES:
-        outcome = VISUAL_STAGE_FUNCTIONS[stage](outcome, settings, workspace)
-    return outcome
 
 
 def _encode(result) -> dict:
