@@ -3,10 +3,10 @@
 A *profile* is a named set of settings. ``default`` references the real models a user runs with;
 ``tiny`` references the small locally built models the tests and the offline demo use. The video stages of
 this pipeline use MediaPipe's bundled legacy solutions in both profiles (they ship inside the wheel, so
-"real" and "tiny" are the same there); the audio model stages (Demucs, Whisper, the emotion models, wav2vec 2.0)
-differ: ``default`` names Hugging Face hub ids / Demucs and Whisper model names, ``tiny`` names randomly
-initialised models of the same classes under ``.models/tiny`` (built on first use by
-``synchrorama.tiny_models``), whose numbers mean nothing.
+"real" and "tiny" are the same there); the model stages (Demucs, Whisper, the emotion models, wav2vec 2.0, the
+captioning model, SD 1.5's CLIP text encoder and VAE) differ: ``default`` names Hugging Face hub ids / Demucs
+and Whisper model names, ``tiny`` names tiny models of the same classes under ``.models/tiny`` (built on first
+use by ``synchrorama.tiny_models``), whose numbers mean nothing.
 
 Every field can be overridden per run: ``preprocess(..., overrides={"filters": {"max_abs_yaw_deg": 30}})``.
 """
