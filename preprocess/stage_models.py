@@ -139,15 +139,21 @@ def _hub_error(kind: str, reference: str, revision: str | None, error: Exception
         f"({type(error).__name__}: {str(error)[:200]})")
 
 
+def _source(kind: str, choice: ModelChoice) -> str:
+    """What from_pretrained reads: the local folder (built first when it is a tiny one) or the hub id."""
+    path = local_path(choice.model)
+    if path is None:
+        return choice.model
+    return str(_ensure_local(kind, path, "Build tiny models with `synchrorama build-tiny-models`, or save a "
+                                         "model there with save_pretrained()."))
+
+
 def _from_pretrained(kind: str, cls, choice: ModelChoice, **kwargs):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per model in every worker's log is noise
-    path = local_path(choice.model)
-    source = str(_ensure_local(kind, path, "Build tiny models with `python -m synchrorama.tiny_models DIR`, "
-                               "or save a model there with save_pretrained().")) if path else choice.model
     try:
-        return cls.from_pretrained(source, revision=choice.revision, **kwargs)
+        return cls.from_pretrained(_source(kind, choice), revision=choice.revision, **kwargs)
     except OSError as error:  # transformers' "not found / can't connect" errors are OSErrors
         raise _hub_error(kind, choice.model, choice.revision, error) from error
 
@@ -241,14 +247,6 @@ def _load_wav2vec(choice: ModelChoice, device: torch.device, dtype: torch.dtype)
     extractor = _from_pretrained("wav2vec", AutoFeatureExtractor, choice)
     model = _from_pretrained("wav2vec", Wav2Vec2Model, choice)
     return LoadedModel("wav2vec", choice.model, _prepare(model, device, dtype), device, dtype, extractor)
-
-
-def _source(kind: str, choice: ModelChoice) -> str:
-    """What a wrapper's from_pretrained reads: the local folder (built first when it is a tiny one) or the id."""
-    path = local_path(choice.model)
-    if path is None:
-        return choice.model
-    return str(_ensure_local(kind, path, "Save a model there with save_pretrained(), or use profile 'tiny'."))
 
 
 def _wrapped(kind: str, choice: ModelChoice, build):
