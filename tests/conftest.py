@@ -18,6 +18,17 @@ import pytest  # noqa: E402
 from synchrorama.sample_data import make_talking_video  # noqa: E402
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Small models run fastest, and timings stay steady, on one intra-op thread; restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def frontal_video(tmp_path_factory):
     """A 5 s 640x360 30 fps video of one frontal face with espeak-ng speech."""

@@ -10,13 +10,7 @@ from model.pipeline import TalkingFacePipeline
 from model.synchrorama import SynchroRamaModel
 from model.tiny_components import tiny_audio_encoder, tiny_vae
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_pipeline_writes_mp4_with_audio(tmp_path):

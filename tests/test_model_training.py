@@ -11,13 +11,7 @@ from model.synchrorama import STAGES, SynchroRamaModel
 from model.tiny_components import tiny_vae
 from model.training_step import training_losses
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

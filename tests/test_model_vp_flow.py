@@ -7,13 +7,7 @@ from model.a2m import AudioToMotion
 from model.config import tiny_config
 from model.vp_flow import VPFlow
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _trained_looking_flow(channels=4, layers=3):

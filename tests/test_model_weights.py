@@ -10,13 +10,7 @@ from model.denoising_unet import is_new_layer
 from model.synchrorama import SynchroRamaModel
 from model.tiny_components import tiny_image_unet
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
