@@ -7,7 +7,9 @@ from pathlib import Path
 
 from preprocess.records import AnnotationIssue, Candidate
 
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm")
+# the containers talking-head collections come in; anything else in a folder (notes, audio, frames) is not a clip
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
+                    ".wmv", ".3gp", ".ogv")
 SHIPPED_HDTF_ANNOTATIONS = Path(__file__).resolve().parent.parent / "data" / "hdtf_annotations"
 FOLDER_DATASETS = ("folder", "vfhq", "mead")
 DATASETS = ("hdtf", *FOLDER_DATASETS)

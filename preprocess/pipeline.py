@@ -49,7 +49,7 @@ from preprocess.wav2vec_features import wav2vec_frames
 
 log = logging.getLogger(__name__)
 
-STAGE_VERSIONS = {"probe": 1, "locate": 1, "standardise": 1, "faces": 1, "pieces": 1, "separate": 1,
+STAGE_VERSIONS = {"probe": 1, "locate": 1, "standardise": 2, "faces": 1, "pieces": 1, "separate": 1,
                   "transcribe": 1, "text_emotion": 1, "speech_emotion": 1, "valence_arousal": 1, "wav2vec": 2,
                   "action_units": 1, "describe": 1, "text_embedding": 1, "latents": 1}
 # The per-piece audio stages, in the order they run (also their stage_timings / clips-table names).

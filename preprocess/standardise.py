@@ -4,7 +4,10 @@ Video: constant 25 fps, the chosen square crop scaled to 512x512 (Lanczos), H.26
 no audio track. Audio: first audio track, downmixed to mono, resampled to 16 kHz, loudness-normalised to
 -23 LUFS integrated (EBU R128 / ITU-R BS.1770-4, measured with pyloudnorm) with the peak kept under
 -1 dBFS, and trimmed or zero-padded to exactly ``n_frames * 640`` samples so that audio and video have the
-same duration (both are cut by the same input seek, so they start together).
+same duration. Both are cut by the same input seek and both are pinned to start at that seek point: a stream
+that starts later in the source (an audio track with an offset, a video whose first frame comes late) is
+padded at the front (silence, the first frame repeated) and one that starts earlier is trimmed, so lip motion
+and speech stay aligned frame for frame. Gaps inside the audio are filled with silence for the same reason.
 """
 
 from __future__ import annotations
@@ -46,15 +49,19 @@ def standardise_clip(
 ) -> StandardisedClip | Rejection:
     video_path, raw_audio_path = out_dir / VIDEO_FILE, out_dir / "raw_audio.wav"
     video_filter = (
-        f"fps={settings.fps},crop={int(box.w)}:{int(box.h)}:{int(box.x)}:{int(box.y)},"
+        f"fps={settings.fps}:start_time=0,crop={int(box.w)}:{int(box.h)}:{int(box.x)}:{int(box.y)},"
         f"scale={settings.size}:{settings.size}:flags=lanczos,setsar=1,format=yuv420p"
     )
     try:
+        # No seek for a clip from the file's start: ffmpeg seeks on the video's key frames, and a picture that
+        # starts late would drop the audio before it.
+        seek = ["-ss", f"{start_s:.3f}"] if start_s > 0 else []
         run_ffmpeg([
-            "-ss", f"{start_s:.3f}", "-t", f"{duration_s:.3f}", "-i", source,
+            *seek, "-t", f"{duration_s:.3f}", "-i", source,
             "-map", "0:v:0", "-vf", video_filter, "-c:v", "libx264", "-preset", settings.preset,
             "-crf", str(settings.crf), "-an", "-movflags", "+faststart", str(video_path),
-            "-map", "0:a:0", "-ac", "1", "-ar", str(settings.sample_rate), "-c:a", "pcm_s16le",
+            "-map", "0:a:0", "-af", f"aresample={settings.sample_rate}:async=1:first_pts=0",
+            "-ac", "1", "-ar", str(settings.sample_rate), "-c:a", "pcm_s16le",
             str(raw_audio_path),
         ])
         n_frames = count_video_frames(video_path)

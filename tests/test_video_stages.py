@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pyloudnorm
@@ -159,3 +160,55 @@ def test_standardise_normalises_awkward_inputs(variant, tmp_path):
     assert rate == 16000 and audio.ndim == 1 and len(audio) == clip.n_frames * 640
     if variant.get("rotation"):
         assert (probe.width, probe.height) == (180, 320)  # displayed portrait: the crop box is in displayed pixels
+
+
+def _shifted(source, shift: str, out):
+    """``source`` remuxed with one stream delayed by 1 s (``shift``: "audio" or "video"), as downloads often are."""
+    late, early = ("1", "0") if shift == "audio" else ("0", "1")
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(source), "-itsoffset", "1", "-i", str(source),
+                    "-map", f"{early}:v", "-map", f"{late}:a", "-c", "copy", str(out)], check=True)
+    return out
+
+
+def test_streams_that_start_apart_stay_aligned_with_the_picture(tmp_path):
+    from media_fixtures import make_test_video
+
+    source = make_test_video(tmp_path / "in.mp4", seconds=3.0, width=320, height=240)
+    box = CropBox(0, 0, 240, 240)
+    rms = lambda a: float(np.sqrt(np.mean(np.square(a))))  # noqa: E731
+
+    # audio that starts 1 s after the picture: the first second is silence, not the tone pulled forward
+    (tmp_path / "a").mkdir()
+    clip = standardise_clip(str(_shifted(source, "audio", tmp_path / "late_audio.mp4")), 0.0, 3.0, box,
+                            SETTINGS.standardise, tmp_path / "a")
+    audio, rate = soundfile.read(tmp_path / "a" / clip.audio)
+    assert len(audio) == clip.n_frames * 640
+    assert rms(audio[: int(0.9 * rate)]) < 1e-4 < 1e-2 < rms(audio[int(1.1 * rate): int(2.8 * rate)])
+
+    # a picture that starts 1 s after the audio: its first frame is held for that second
+    (tmp_path / "v").mkdir()
+    clip = standardise_clip(str(_shifted(source, "video", tmp_path / "late_video.mp4")), 0.0, 3.0, box,
+                            SETTINGS.standardise, tmp_path / "v")
+    import av
+
+    with av.open(str(tmp_path / "v" / clip.video)) as container:
+        frames = [f.to_ndarray(format="gray").astype(float) for f in container.decode(video=0)]
+    change = lambda i, j: float(np.abs(frames[i] - frames[j]).mean())  # noqa: E731
+    assert change(0, 22) < 1.0 < 5.0 < change(30, 55), (change(0, 22), change(30, 55))
+    audio, rate = soundfile.read(tmp_path / "v" / clip.audio)
+    assert rms(audio[: int(0.9 * rate)]) > 1e-2  # the tone is there from the start
+
+
+def test_a_folder_dataset_finds_every_common_video_container_and_nothing_else(tmp_path):
+    from preprocess.discover import folder_candidates
+
+    names = ["a.mp4", "a.avi", "b.flv", "c.ts", "d.M4V", "e.mpg", "sub/f.wmv", "sub/g.3gp", "notes.txt",
+             "speech.wav", ".hidden.mp4"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    candidates = folder_candidates(tmp_path)
+    assert sorted(Path(c.source).relative_to(tmp_path).as_posix() for c in candidates) == sorted(
+        ["a.mp4", "a.avi", "b.flv", "c.ts", "d.M4V", "e.mpg", "sub/f.wmv", "sub/g.3gp"])
+    ids = [c.candidate_id for c in candidates]
+    assert len(set(ids)) == len(ids) and "sub__f" in ids
