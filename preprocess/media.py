@@ -66,7 +66,7 @@ def iter_rgb_frames(
         command += ["-ss", f"{start_s:.3f}"]
     if duration_s is not None:
         command += ["-t", f"{duration_s:.3f}"]
-    command += ["-i", str(path), "-map", "0:v:0", "-vf", ",".join(filters),
+    command += ["-i", str(path), "-map", "0:V:0", "-vf", ",".join(filters),
                 "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
     frame_bytes = width * height * 3
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

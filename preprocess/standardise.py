@@ -1,6 +1,7 @@
 """Stage: cut, crop and re-encode one candidate clip to the training format.
 
-Video: constant 25 fps, the chosen square crop scaled to 512x512 (Lanczos), H.264 (libx264, yuv420p),
+Video: the first real video stream (not cover art), deinterlaced where frames are flagged interlaced, constant
+25 fps, the chosen square crop scaled to 512x512 (Lanczos), H.264 (libx264, yuv420p),
 no audio track. Audio: first audio track, downmixed to mono, resampled to 16 kHz, loudness-normalised to
 -23 LUFS integrated (EBU R128 / ITU-R BS.1770-4, measured with pyloudnorm) with the peak kept under
 -1 dBFS, and trimmed or zero-padded to exactly ``n_frames * 640`` samples so that audio and video have the
@@ -49,7 +50,8 @@ def standardise_clip(
 ) -> StandardisedClip | Rejection:
     video_path, raw_audio_path = out_dir / VIDEO_FILE, out_dir / "raw_audio.wav"
     video_filter = (
-        f"fps={settings.fps}:start_time=0,crop={int(box.w)}:{int(box.h)}:{int(box.x)}:{int(box.y)},"
+        # bwdif touches only frames flagged interlaced (broadcast-style sources); progressive ones pass as they are
+        f"bwdif=mode=send_frame:deint=interlaced,fps={settings.fps}:start_time=0,crop={int(box.w)}:{int(box.h)}:{int(box.x)}:{int(box.y)},"
         f"scale={settings.size}:{settings.size}:flags=lanczos,setsar=1,format=yuv420p"
     )
     try:
@@ -58,7 +60,7 @@ def standardise_clip(
         seek = ["-ss", f"{start_s:.3f}"] if start_s > 0 else []
         run_ffmpeg([
             *seek, "-t", f"{duration_s:.3f}", "-i", source,
-            "-map", "0:v:0", "-vf", video_filter, "-c:v", "libx264", "-preset", settings.preset,
+            "-map", "0:V:0", "-vf", video_filter, "-c:v", "libx264", "-preset", settings.preset,
             "-crf", str(settings.crf), "-an", "-movflags", "+faststart", str(video_path),
             "-map", "0:a:0", "-af", f"aresample={settings.sample_rate}:async=1:first_pts=0",
             "-ac", "1", "-ar", str(settings.sample_rate), "-c:a", "pcm_s16le",
