@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preprocess.discover import VIDEO_EXTENSIONS
 from preprocess.records import AnnotationIssue, Candidate, CropBox
 
 DATASET = "hdtf"
@@ -475,26 +476,37 @@ def read_hdtf_annotations(annotations_dir: Path) -> tuple[HdtfAnnotations, list[
 def hdtf_candidates(annotations_dir: Path, videos_dir: Path) -> tuple[list[Candidate], list[AnnotationIssue]]:
     """One ``Candidate`` per annotated clip (sorted by id) and all annotation issues.
 
-    Sources are ``videos_dir/Name.mp4``; a clip whose file is absent gets ``reject_reason="missing_source"``
-    (unless it was already rejected for an annotation reason), so a partial download never raises.
+    Sources are ``videos_dir/Name.mp4``, or ``Name.webm``/``Name.mkv``/... when that is how the video was
+    downloaded (yt-dlp keeps YouTube's container unless told otherwise); a clip whose file is absent gets
+    ``reject_reason="missing_source"`` (unless it was already rejected for an annotation reason), so a partial
+    download never raises.
     """
     annotations, issues = read_hdtf_annotations(annotations_dir)
     videos_dir = Path(videos_dir)
-    present: dict[str, bool] = {}
+    sources: dict[str, Path | None] = {}
     candidates = []
     for clip in annotations.clips:
-        source = videos_dir / f"{clip.video}.mp4"
-        if clip.video not in present:
-            present[clip.video] = source.is_file()
+        if clip.video not in sources:
+            sources[clip.video] = _downloaded_video(videos_dir, clip.video)
+        source = sources[clip.video] or videos_dir / f"{clip.video}.mp4"
         reject_reason, reject_detail = clip.reject_reason, clip.reject_detail
-        if reject_reason is None and not present[clip.video]:
-            reject_reason, reject_detail = "missing_source", f"{source} not found"
+        if reject_reason is None and sources[clip.video] is None:
+            reject_reason, reject_detail = "missing_source", f"{source} not found (nor another video container)"
         candidates.append(Candidate(
             candidate_id=clip.clip_id, source=str(source), dataset=DATASET, start_s=clip.start_s,
             end_s=clip.end_s, annotated_box=clip.box, annotated_height=clip.annotated_height,
             crop_ratio=clip.crop_ratio, notes=clip.notes, reject_reason=reject_reason,
             reject_detail=reject_detail))
     return candidates, issues
+
+
+def _downloaded_video(videos_dir: Path, name: str) -> Path | None:
+    """``Name.mp4`` when present, else the first ``Name.<video container>`` in ``VIDEO_EXTENSIONS`` order."""
+    for extension in VIDEO_EXTENSIONS:  # .mp4 first
+        path = videos_dir / f"{name}{extension}"
+        if path.is_file():
+            return path
+    return None
 
 
 def summarise_issues(issues: Iterable[AnnotationIssue]) -> dict[str, int]:

@@ -368,3 +368,12 @@ def test_summarise_issues(tmp_path):
     _, issues = read_hdtf_annotations(folder)
     assert summarise_issues(issues) == {"trailing_space": 1}
     assert summarise_issues([]) == {}
+
+
+def test_a_video_downloaded_in_another_container_is_found(tmp_path):
+    folder = _write_subset(tmp_path / "ann", "S", _minimal())
+    (tmp_path / "V.webm").write_bytes(b"")  # what yt-dlp writes for YouTube's VP9 + Opus
+    candidates, _ = hdtf_candidates(folder, tmp_path)
+    assert [(c.source, c.reject_reason) for c in candidates] == [(str(tmp_path / "V.webm"), None)] * 2
+    (tmp_path / "V.mp4").write_bytes(b"")
+    assert {c.source for c in hdtf_candidates(folder, tmp_path)[0]} == {str(tmp_path / "V.mp4")}  # mp4 first
