@@ -23,10 +23,11 @@ import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
 import torch  # noqa: E402
 
-from preprocess.pipeline import AUDIO_STAGE_FUNCTIONS, AUDIO_STAGES, PieceOutcome, Workspace  # noqa: E402
+from preprocess.pipeline import AUDIO_STAGE_FUNCTIONS, AUDIO_STAGES, ClipJob, PieceOutcome, Workspace  # noqa: E402
+from preprocess.records import Candidate  # noqa: E402
 from preprocess.settings import load_settings  # noqa: E402
 from preprocess.stage_models import load_model  # noqa: E402
-from preprocess.standardise import AUDIO_FILE  # noqa: E402
+from preprocess.standardise import AUDIO_FILE, StandardisedClip  # noqa: E402
 from synchrorama.sample_data import speech_wav  # noqa: E402
 
 MODEL_OF_STAGE = {"separate": "separation", "transcribe": "transcription", "text_emotion": "text_emotion",
@@ -73,7 +74,13 @@ def main() -> None:
             files.mkdir()
             speech_with_music(files / AUDIO_FILE, args.seconds, scratch)
             n_frames = int(args.seconds * 25)
-            piece = PieceOutcome(clip_id=f"clip{index}", job=None, frames=(0, n_frames), files_dir=str(files),
+            # separation decodes the piece's range of its source: here the generated wav is the source too
+            clip = StandardisedClip(video="clip.mp4", audio=AUDIO_FILE, n_frames=n_frames, fps=25, size=512,
+                                    sample_rate=16000, loudness_in_lufs=None, gain_db=0.0, audio_padded_samples=0,
+                                    notes=())
+            job = ClipJob(candidate=Candidate(f"clip{index}", str(files / AUDIO_FILE), "bench"),
+                          source_sha256=f"bench-{index}", standardised=clip)
+            piece = PieceOutcome(clip_id=f"clip{index}", job=job, frames=(0, n_frames), files_dir=str(files),
                                  content_key=f"bench-{index}")
             for stage in AUDIO_STAGES:
                 started = time.perf_counter()

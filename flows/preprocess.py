@@ -22,16 +22,27 @@ Callable without a server, as a plain function::
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NONE
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from preprocess.cache import write_json_atomic
 from preprocess.discover import DATASETS, discover_candidates
+from preprocess.failures import (
+    FAILURE_REASONS,
+    check_failure_shares,
+    is_environment_error,
+    stage_failure_shares,
+)
 from preprocess.pipeline import (
+    AUDIO_STAGES,
+    VISUAL_STAGES,
     ClipJob,
     PieceOutcome,
     Workspace,
@@ -52,14 +63,21 @@ from preprocess.pipeline import (
     run_wav2vec,
     start_job,
 )
-from preprocess.records import Candidate
+from preprocess.preflight import load_active_models
+from preprocess.records import Candidate, Rejection
 from preprocess.settings import PreprocessSettings, load_settings
 from preprocess.write_outputs import TINY_MODELS_WARNING, tiny_model_stages, write_outputs
 
 SUMMARY_FILE = "summary.json"
+PIECE_STAGES = (*AUDIO_STAGES, *VISUAL_STAGES)
 
 # Our own cache (in out_dir) decides what is redone, so Prefect's result cache is off for every task.
 _stage = {"cache_policy": NONE, "persist_result": False}
+
+
+@task(name="load-models", **_stage)
+def load_models_task(settings: PreprocessSettings) -> list[str]:
+    return load_active_models(settings)
 
 
 @task(name="start", **_stage)
@@ -145,27 +163,92 @@ def latents_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str
     return run_latents(piece, settings, Workspace(Path(out_dir)))
 
 
-PIECE_TASKS = (transcribe_task, text_emotion_task, speech_emotion_task, valence_arousal_task, wav2vec_task,
-               action_units_task, describe_task, text_embedding_task, latents_task)
+# (pipeline stage name as in reject reasons, task): the per-piece model stages after separate-vocals, in order.
+PIECE_TASKS = (("transcribe", transcribe_task), ("text_emotion", text_emotion_task),
+               ("speech_emotion", speech_emotion_task), ("valence_arousal", valence_arousal_task),
+               ("wav2vec", wav2vec_task), ("action_units", action_units_task), ("describe", describe_task),
+               ("text_embedding", text_embedding_task), ("latents", latents_task))
+
+
+class _DropWorkerThreadTimeoutWarning(logging.Filter):
+    """Prefect warns on every task run with a timeout in a worker thread that the timeout cannot interrupt a
+    blocking call. Ours do not block unboundedly: every ffmpeg call polls with its own limit (``preprocess.media``),
+    so the injected timeout lands within a poll interval. One warning per task run would bury the real log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "running in a worker thread" not in str(record.msg)
+
+
+logging.getLogger("prefect.task_runs").addFilter(_DropWorkerThreadTimeoutWarning())
+
+
+def _first_failure(stage_futures: list[tuple[str, list[PrefectFuture]]], index: int) -> tuple[str, BaseException | str]:
+    """The first stage whose task failed for item ``index`` (later ones never ran), and its exception."""
+    for stage, futures in stage_futures:
+        futures[index].wait()
+        state = futures[index].state
+        if state.is_failed() or state.is_crashed():
+            return stage, state.result(raise_on_failure=False)
+    return stage_futures[-1][0], "the task did not finish"
+
+
+def _failure_rejection(stage_futures: list[tuple[str, list[PrefectFuture]]], index: int) -> Rejection:
+    """A clip whose task failed (ran past ``limits.task_timeout_s``, or crashed outside the stage's own error
+    handling) is rejected; an environment failure is re-raised and stops the run."""
+    stage, error = _first_failure(stage_futures, index)
+    if isinstance(error, BaseException) and is_environment_error(error):
+        raise error
+    reason = "timeout" if isinstance(error, TimeoutError) else "error"
+    return Rejection(stage, reason, f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error)
 
 
 @flow(name="process-clips", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def process_clips(candidates: list[Candidate], settings: PreprocessSettings, out_dir: str) -> list[PieceOutcome]:
-    jobs = start_task.map(candidates, unmapped(out_dir))
+    limit = {"timeout_seconds": settings.limits.task_timeout_s}
     args = (unmapped(settings), unmapped(out_dir))
-    jobs = probe_task.map(jobs, *args)
-    jobs = locate_task.map(jobs, *args)
-    jobs = standardise_task.map(jobs, *args)
-    jobs = faces_task.map(jobs, *args)
-    selected = select_task.map(jobs, *args)
-    outcomes = [outcome for future in selected for outcome in future.result()]
+    jobs = start_task.with_options(**limit).map(candidates, unmapped(out_dir))
+    clip_stages = [("fingerprint", jobs)]
+    for stage, stage_task in (("probe", probe_task), ("locate", locate_task), ("standardise", standardise_task),
+                              ("faces", faces_task), ("pieces", select_task)):
+        jobs = stage_task.with_options(**limit).map(jobs, *args)
+        clip_stages.append((stage, jobs))
+    outcomes = []
+    for index, future in enumerate(jobs):
+        try:
+            outcomes += future.result()
+        except Exception:
+            outcomes.append(PieceOutcome(clip_id=candidates[index].candidate_id, job=ClipJob(candidate=candidates[index]),
+                                         rejection=_failure_rejection(clip_stages, index)))
     kept = [outcome for outcome in outcomes if outcome.kept]
     if not kept:
         return outcomes
-    pieces = separate_task.map(kept, *args)
-    for piece_task in PIECE_TASKS:
-        pieces = piece_task.map(pieces, *args)
-    return [outcome for outcome in outcomes if not outcome.kept] + [future.result() for future in pieces]
+    pieces = separate_task.with_options(**limit).map(kept, *args)
+    piece_stages = [("separate", pieces)]
+    for stage, piece_task in PIECE_TASKS:
+        pieces = piece_task.with_options(**limit).map(pieces, *args)
+        piece_stages.append((stage, pieces))
+    finished = []
+    for index, future in enumerate(pieces):
+        try:
+            finished.append(future.result())
+        except Exception:
+            finished.append(replace(kept[index], rejection=_failure_rejection(piece_stages, index)))
+    return [outcome for outcome in outcomes if not outcome.kept] + finished
+
+
+def _check_failure_shares(outcomes: list[PieceOutcome], settings: PreprocessSettings) -> None:
+    """Fail the run when a stage failed on more than ``limits.max_error_fraction`` of the clips it ran on."""
+    attempts, examples = [], {}
+    for outcome in outcomes:
+        candidate_id = outcome.job.candidate.candidate_id
+        attempts += [(timing.stage, candidate_id, False) for timing in outcome.job.timings]
+        attempts += [(timing.stage, outcome.clip_id, False) for timing in outcome.timings]
+        rejection = outcome.rejection
+        if rejection is not None and rejection.reason in FAILURE_REASONS:
+            item = outcome.clip_id if rejection.stage in PIECE_STAGES else candidate_id
+            attempts.append((rejection.stage, item, True))
+            examples.setdefault(rejection.stage, f"{outcome.clip_id}: {rejection.reason}: {rejection.detail}"[:300])
+    check_failure_shares(stage_failure_shares(attempts), settings.limits.max_error_fraction, examples)
 
 
 @flow(name="preprocess", log_prints=True)
@@ -193,7 +276,7 @@ def preprocess(
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
     logger = get_run_logger()
-    settings = load_settings(profile, overrides)
+    settings = load_settings(profile, overrides, dataset=dataset)
     out = Path(out_dir).resolve()
     candidates, issues = discover_candidates(dataset, Path(raw_dir).resolve(),
                                              Path(annotations_dir).resolve() if annotations_dir else None, pattern)
@@ -203,12 +286,15 @@ def preprocess(
                 len(candidates), raw_dir, dataset, len(issues), out)
     if tiny_model_stages(settings):
         logger.warning(TINY_MODELS_WARNING + " (stages: %s)", ", ".join(tiny_model_stages(settings)))
+    loaded = load_models_task.with_options(timeout_seconds=settings.limits.task_timeout_s)(settings)
+    logger.info("models loaded:\n  %s", "\n  ".join(loaded))
     removed = Workspace(out).cache.remove_leftovers()
     if removed:
         logger.info("removed %d unfinished work directories left by an interrupted run", removed)
 
     runner = ThreadPoolTaskRunner(max_workers=settings.workers)
     outcomes = process_clips.with_options(task_runner=runner)(candidates, settings, str(out))
+    _check_failure_shares(outcomes, settings)
     summary = write_outputs(outcomes, issues, settings, out)
     write_json_atomic(out / SUMMARY_FILE, {**vars(summary), "dataset": dataset, "profile": profile})
     logger.info("summary\n%s", summary.as_text())

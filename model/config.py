@@ -35,7 +35,7 @@ class DataShapes:
     # The preprocessing default SER model (superb/hubert-large-superb-er) has 4 classes (neu, hap, ang, sad);
     # another SER model (e.g. an emotion2vec head with 9) only changes this number.
     speech_emotion_classes: int = 4
-    speech_emotion_dim: int = 1024
+    speech_emotion_dim: int = 256  # the SER head's input (classifier_proj_size), preprocess.speech_emotion
     va_values: int = 3  # valence, arousal, dominance
     va_dim: int = 1024
     va_window_s: float = 2.0

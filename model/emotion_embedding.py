@@ -2,11 +2,11 @@
 
 Inputs per clip (``EmotionFeatures``):
     E_t   text sentiment of the transcript: probs ``(B, 7)`` + embedding ``(B, 768)``
-    E_ser speech emotion recognition: probs ``(B, C_ser)`` + embedding ``(B, 1024)``
+    E_ser speech emotion recognition: probs ``(B, C_ser)`` + embedding ``(B, 256)`` (the SER head's input)
     E_va  valence/arousal/dominance per audio window (2 s, hop 1 s: 50% overlap): ``(B, K, 3)`` + ``(B, K, 1024)``
 
 The window sequence is aligned to video frames (``align_windows_to_frames``: each frame blends the windows
-that cover it, weighted by closeness to their centres), so ``E`` is ``(B, F, 7+768+C_ser+1024+3+1024)`` and an
+that cover it, weighted by closeness to their centres), so ``E`` is ``(B, F, 7+768+C_ser+256+3+1024)`` and an
 MLP maps it to ``N`` emotion tokens per frame ``(B, F, N, 768)`` for the denoiser's emotion attention.
 Deviation: the paper feeds E through "a cross-attention layer" without saying how VA windows meet frames;
 per-frame alignment is our choice so that emotion can change within a long video.

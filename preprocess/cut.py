@@ -15,13 +15,13 @@ import soundfile
 
 from preprocess.faces import LANDMARKS_FILE, POSE_FILE
 from preprocess.media import count_video_frames, run_ffmpeg
-from preprocess.settings import StandardiseSettings
+from preprocess.settings import MediaTimeouts, StandardiseSettings
 from preprocess.standardise import AUDIO_FILE, VIDEO_FILE
 
 
 def cut_piece(
     clip_dir: Path, faces_dir: Path, n_frames: int, frames: tuple[int, int], settings: StandardiseSettings,
-    out_dir: Path,
+    out_dir: Path, limits: MediaTimeouts | None = None,
 ) -> dict:
     start, end = frames
     if (start, end) == (0, n_frames):
@@ -34,8 +34,10 @@ def cut_piece(
         "-i", clip_dir / VIDEO_FILE, "-vf", f"trim=start_frame={start}:end_frame={end},setpts=PTS-STARTPTS",
         "-c:v", "libx264", "-preset", settings.preset, "-crf", str(settings.crf), "-pix_fmt", "yuv420p",
         "-an", "-movflags", "+faststart", out_dir / VIDEO_FILE,
-    ])
-    written = count_video_frames(out_dir / VIDEO_FILE)
+        # the trim filter decodes the clip from its start up to ``end``
+    ], purpose=f"cutting frames {start}-{end} of {clip_dir / VIDEO_FILE}", media_duration_s=end / settings.fps,
+        limits=limits)
+    written = count_video_frames(out_dir / VIDEO_FILE, limits=limits)
     if written != end - start:
         raise RuntimeError(f"cut wrote {written} frames, expected {end - start}")
     samples_per_frame = settings.sample_rate // settings.fps

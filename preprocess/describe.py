@@ -1,20 +1,24 @@
 """Stage: an LLM-written description of the whole clip's attributes and actions (paper 3.4).
 
-The paper uses VideoLLaMA2. Two backends share one interface:
+The paper uses VideoLLaMA2. Two backends:
 
-- ``TransformersCaptioner``: any transformers image-text-to-text model (LLaVA, LLaVA-OneVision, Qwen2.5-VL,
-  ...) through ``AutoProcessor`` / ``AutoModelForImageTextToText``. The clip's uniformly sampled frames go in
-  as a list of images: transformers' *video* processors need torchvision, which CPU machines here lack; with
-  a GPU environment the same frames work as images too. Greedy decoding, so a description is reproducible.
-- ``VideoLLaMA2Captioner``: the paper's model through its own ``model_init`` / ``mm_infer`` API. VideoLLaMA2
-  is not on PyPI and pins old torch/transformers, so it lives in its own environment
-  (``pip install git+https://github.com/DAMO-NLP-SG/VideoLLaMA2``); this backend imports it lazily.
+- ``TransformersCaptioner``: any transformers image-text-to-text model (the default Qwen2.5-VL, LLaVA,
+  LLaVA-OneVision, ...) through its own processor and ``AutoModelForImageTextToText``. The clip's uniformly
+  sampled frames go in as a list of images, in both installs: transformers' *video* processors need
+  torchvision, which the CPU install must not have, so there the processor is built without its video
+  processor (``load_captioning_processor``); with torchvision (a GPU install) it is the plain ``AutoProcessor``.
+  Greedy decoding, so a description is reproducible.
+- ``VideoLLaMA2DeploymentCaptioner`` (``preprocess.describe_videollama2``): the paper's model, which pins an
+  old torch/transformers, runs in its own environment as a Prefect deployment (``flows/videollama2_service.py``)
+  that reads the clip file itself; it has ``describe_video(path, prompt, max_new_tokens)`` instead of frames.
 
 The prompt is configurable and recorded with every description, with the model reference.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 from typing import Protocol
 
@@ -45,14 +49,64 @@ def sample_frames_uniformly(video: Path, n_frames: int, size: int = 512) -> list
     return [frame for index, frame in enumerate(iter_rgb_frames(video, width=size, height=size)) if index in wanted]
 
 
+def load_captioning_processor(model_path: str, *, revision: str | None = None):
+    """The captioning model's own processor, able to take frames as images with or without torchvision.
+
+    With torchvision (a GPU install): ``AutoProcessor``, image and video processors. Without it (the CPU install):
+    the same processor class, built from the image processor and the tokenizer only. Qwen2-VL / Qwen2.5-VL /
+    LLaVA-OneVision processors construct a video processor that refuses to exist without torchvision, and
+    ``ProcessorMixin`` accepts no ``None`` in its place, so ``AutoProcessor`` would fail on every clip. The image
+    processor is then the PIL backend ``AutoImageProcessor`` picks (``Qwen2VLImageProcessorPil`` for
+    ``"image_processor_type": "Qwen2VLImageProcessor"``), with the model's settings. The processor class is the
+    one transformers maps the model's config to (``Qwen2_5_VLProcessor`` for ``model_type`` ``qwen2_5_vl``).
+    """
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return AutoProcessor.from_pretrained(model_path, revision=revision)
+    config_class = type(AutoConfig.from_pretrained(model_path, revision=revision))
+    processor_class = PROCESSOR_MAPPING[config_class] if config_class in PROCESSOR_MAPPING else None
+    if processor_class is None or "video_processor" not in processor_class.get_attributes():
+        return AutoProcessor.from_pretrained(model_path, revision=revision)  # needs no torchvision
+    return _without_video_processor(processor_class).from_pretrained(model_path, revision=revision)
+
+
+@functools.cache
+def _without_video_processor(processor_class: type) -> type:
+    """A subclass of ``processor_class`` whose sub-processors are its image processor and tokenizer only.
+
+    ``ProcessorMixin`` takes the list of sub-processors from the ``__init__`` signature (and checks each one's
+    class), so leaving one out means a signature without it. Everything else (chat template, image-token
+    expansion, ``__call__``, decoding) is the class's own code; the instance has no ``video_processor``.
+    """
+    parameters = inspect.signature(processor_class.__init__).parameters
+    if not {"image_processor", "tokenizer", "video_processor"} <= set(parameters):
+        raise TypeError(f"{processor_class.__name__} does not take (image_processor, tokenizer, video_processor): "
+                        f"cannot build it without its video processor; install torchvision to use AutoProcessor")
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        processor_class.__init__(self, image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                                 chat_template=chat_template, **kwargs)
+
+    return type(f"{processor_class.__name__}WithoutVideo", (processor_class,),
+                {"__init__": __init__, "__module__": __name__,
+                 "__doc__": f"{processor_class.__name__} without its video processor (frames go in as images)."})
+
+
 class TransformersCaptioner:
-    def __init__(self, model_path: str, *, device: str = "cpu", dtype: str = "float32", max_new_tokens: int = 60):
+    """An image-text-to-text model from transformers (the default: Qwen2.5-VL) describing a clip's frames."""
+
+    def __init__(self, model_path: str, *, revision: str | None = None, device: str = "cpu", dtype: str = "float32",
+                 max_new_tokens: int = 60):
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
         try:
-            self.processor = AutoProcessor.from_pretrained(model_path)
-            self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=getattr(torch, dtype))
+            self.processor = load_captioning_processor(model_path, revision=revision)
+            self.model = AutoModelForImageTextToText.from_pretrained(model_path, revision=revision,
+                                                                     dtype=getattr(torch, dtype))
         except OSError as error:
             raise FileNotFoundError(
                 f"captioning model {model_path!r} not found locally (no hub access here): download it with "
@@ -80,23 +134,3 @@ class TransformersCaptioner:
                                          do_sample=False)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
         return self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
-
-
-class VideoLLaMA2Captioner:
-    def __init__(self, model_path: str = "DAMO-NLP-SG/VideoLLaMA2-7B"):
-        try:
-            from videollama2 import mm_infer, model_init
-        except ImportError as error:
-            raise ImportError(
-                "VideoLLaMA2 is not installed in this environment; install it in its own environment with "
-                "`pip install git+https://github.com/DAMO-NLP-SG/VideoLLaMA2` (it pins older torch and "
-                "transformers), or use the transformers captioning backend") from error
-        self._mm_infer = mm_infer
-        self.model, self.processor, self.tokenizer = model_init(model_path)
-        self.name = f"videollama2:{model_path}"
-
-    def describe(self, frames: list[np.ndarray], prompt: str, max_new_tokens: int | None = None) -> str:
-        video = self.processor["video"](np.stack(frames))
-        options = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
-        return self._mm_infer(video, prompt, model=self.model, tokenizer=self.tokenizer, do_sample=False,
-                              modal="video", **options).strip()

@@ -14,9 +14,9 @@ import numpy as np
 
 from preprocess.face_models import mesh_landmarks, new_face_mesh
 from preprocess.head_pose import head_pose_from_landmarks
-from preprocess.media import FfmpegError, iter_rgb_frames
+from preprocess.media import FfmpegError, FfmpegTimeout, iter_rgb_frames
 from preprocess.records import Rejection
-from preprocess.settings import FaceSettings
+from preprocess.settings import FaceSettings, MediaTimeouts
 
 LANDMARKS_FILE = "landmarks.npy"
 POSE_FILE = "pose.npy"
@@ -30,7 +30,9 @@ class FaceTrack:
     n_landmarks: int
 
 
-def track_faces(video: Path, size: int, settings: FaceSettings, out_dir: Path) -> FaceTrack | Rejection:
+def track_faces(
+    video: Path, size: int, settings: FaceSettings, out_dir: Path, limits: MediaTimeouts | None = None
+) -> FaceTrack | Rejection:
     n_landmarks = 478 if settings.refine_landmarks else 468
     rows = []
     face_mesh = new_face_mesh(
@@ -39,9 +41,11 @@ def track_faces(video: Path, size: int, settings: FaceSettings, out_dir: Path) -
         min_tracking_confidence=settings.min_tracking_confidence,
     )
     try:
-        for frame in iter_rgb_frames(video, width=size, height=size):
+        for frame in iter_rgb_frames(video, width=size, height=size, limits=limits):
             landmarks = mesh_landmarks(face_mesh, frame)
             rows.append(landmarks if landmarks is not None else np.full((n_landmarks, 3), np.nan, np.float32))
+    except FfmpegTimeout:
+        raise  # a slow or stuck decode is not a property of the clip: fail this attempt, cache no rejection
     except FfmpegError as error:
         return Rejection("faces", "undecodable", str(error))
     finally:

@@ -5,6 +5,11 @@ fewest equal pieces that are each at most ``max_clip_s`` long (a 45 s clip gives
 it is longer than ``max_clip_s``, each piece is at least ``max_clip_s / 2`` long. Each piece is then judged
 on its own frames, so one turned-away stretch rejects only its piece. Filters run in a fixed order and the
 first failing one gives the reason; ``detail`` names every failing filter.
+
+Besides the face and pose filters, two audio filters: ``audio_missing`` when more than
+``max_audio_padded_fraction`` of the piece's audio is silence that standardise padded in because the source's
+audio track ended early, and ``no_speech`` when fewer than ``min_speech_fraction`` of its frames lie in speech
+segments found by Silero VAD (``preprocess.speech_activity``, run once per standardised clip).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ def plan_pieces(n_frames: int, fps: int, max_clip_s: float) -> list[tuple[int, i
 
 @dataclass(frozen=True)
 class PieceStats:
-    """Face and pose statistics of one piece (angles in degrees, face size in source pixels)."""
+    """Face, pose and audio statistics of one piece (angles in degrees, face size in source pixels; the audio
+    fractions are shares of the piece's video frames, None when not measured)."""
 
     duration_s: float
     face_frames_fraction: float
@@ -46,14 +52,27 @@ class PieceStats:
     multi_face_fraction: float
     max_faces: int
     face_px_median: float | None
+    speech_fraction: float | None = None  # frames in Silero VAD speech segments
+    audio_padded_fraction: float | None = None  # audio samples that standardise padded with silence
 
     def as_row(self) -> dict:
         return asdict(self)
 
 
+def audio_padding_per_frame(n_frames: int, samples_per_frame: int, padded_samples: int) -> np.ndarray:
+    """(n_frames,) fraction 0-1 of each frame's audio that is padding: standardise pads at the end only."""
+    first_padded = n_frames * samples_per_frame - padded_samples
+    frame_starts = np.arange(n_frames) * samples_per_frame
+    return np.clip((frame_starts + samples_per_frame - first_padded) / samples_per_frame, 0.0, 1.0)
+
+
 def piece_stats(
-    pose: np.ndarray, survey: FaceSurvey, frames: tuple[int, int], fps: int, settings: FilterSettings
+    pose: np.ndarray, survey: FaceSurvey, frames: tuple[int, int], fps: int, settings: FilterSettings,
+    speech_flags: np.ndarray | None = None, audio_padding: np.ndarray | None = None,
 ) -> PieceStats:
+    """Statistics of frames [start, end) of a clip. ``pose`` (n_frames, 3) yaw/pitch/roll (NaN: no face);
+    ``speech_flags`` (n_frames,) 1 where Silero VAD found speech; ``audio_padding`` (n_frames,) share of each
+    frame's audio that is padding (``audio_padding_per_frame``). Without them the audio stats stay None."""
     start, end = frames
     piece_pose = pose[start:end]
     has_face = ~np.isnan(piece_pose[:, 0])
@@ -79,7 +98,18 @@ def piece_stats(
         multi_face_fraction=round(float(np.mean(counts >= 2)), 4) if len(counts) else 0.0,
         max_faces=int(counts.max()) if len(counts) else 0,
         face_px_median=round(float(np.median(heights)), 1) if len(heights) else None,
+        speech_fraction=_share(speech_flags, start, end),
+        audio_padded_fraction=_share(audio_padding, start, end),
     )
+
+
+def _share(per_frame: np.ndarray | None, start: int, end: int) -> float | None:
+    if per_frame is None:
+        return None
+    piece = np.asarray(per_frame, np.float64)[start:end]
+    if len(piece) != end - start:
+        raise ValueError(f"per-frame audio stats cover {len(per_frame)} frames, the piece needs [{start}, {end})")
+    return round(float(piece.mean()), 4) if len(piece) else 0.0
 
 
 def judge_piece(stats: PieceStats, settings: FilterSettings) -> Rejection | None:
@@ -98,6 +128,13 @@ def judge_piece(stats: PieceStats, settings: FilterSettings) -> Rejection | None
     if stats.side_profile_fraction > settings.max_side_profile_fraction:
         failures.append(("side_profile", f"|yaw| > {settings.max_abs_yaw_deg} deg in {stats.side_profile_fraction:.0%} "
                                          f"of face frames > {settings.max_side_profile_fraction:.0%}"))
+    # Missing audio first: padded silence would also read as no speech.
+    if stats.audio_padded_fraction is not None and stats.audio_padded_fraction > settings.max_audio_padded_fraction:
+        failures.append(("audio_missing", f"{stats.audio_padded_fraction:.0%} of the audio is padding (the source's "
+                                          f"audio ends early) > {settings.max_audio_padded_fraction:.0%}"))
+    if stats.speech_fraction is not None and stats.speech_fraction < settings.min_speech_fraction:
+        failures.append(("no_speech", f"speech (Silero VAD) in {stats.speech_fraction:.0%} of frames "
+                                      f"< {settings.min_speech_fraction:.0%}"))
     if not failures:
         return None
     return Rejection("filters", failures[0][0], "; ".join(f"{code}: {text}" for code, text in failures))

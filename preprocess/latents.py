@@ -24,13 +24,14 @@ DOWNSAMPLING = 8  # SD's VAE: four down blocks, three of which halve the size
 
 
 class FrameLatentEncoder:
-    def __init__(self, model_path: str, *, device: str = "cpu", dtype: str = "float32", batch_size: int = 8):
+    def __init__(self, model_path: str, *, revision: str | None = None, device: str = "cpu", dtype: str = "float32",
+                 batch_size: int = 8):
         import torch
         from diffusers import AutoencoderKL
 
         self.dtype = getattr(torch, dtype)
         try:
-            vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", torch_dtype=self.dtype)
+            vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", revision=revision, torch_dtype=self.dtype)
         except OSError as error:
             raise FileNotFoundError(
                 f"Stable Diffusion VAE not found under {model_path!r} (expected a vae/ folder, as in a diffusers "

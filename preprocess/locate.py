@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from preprocess.face_models import detect_faces, mesh_landmarks, new_face_mesh
-from preprocess.media import FfmpegError, iter_rgb_frames
+from preprocess.media import FfmpegError, FfmpegTimeout, iter_rgb_frames
 from preprocess.records import CropBox, ProbeResult, Rejection
-from preprocess.settings import LocateSettings
+from preprocess.settings import LocateSettings, MediaTimeouts
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class FaceSurvey:
 
 
 def survey_faces(
-    source: str, probe: ProbeResult, start_s: float, duration_s: float, settings: LocateSettings
+    source: str, probe: ProbeResult, start_s: float, duration_s: float, settings: LocateSettings,
+    limits: MediaTimeouts | None = None,
 ) -> FaceSurvey | Rejection:
     analysis_width = min(settings.analysis_width, probe.width)
     analysis_height = max(2, int(round(probe.height * analysis_width / probe.width / 2)) * 2)
@@ -45,7 +46,7 @@ def survey_faces(
     try:
         frames = iter_rgb_frames(
             source, width=analysis_width, height=analysis_height,
-            start_s=start_s, duration_s=duration_s, fps=settings.sample_fps,
+            start_s=start_s, duration_s=duration_s, fps=settings.sample_fps, limits=limits,
         )
         for index, frame in enumerate(frames):
             times.append(round(index / settings.sample_fps, 3))
@@ -59,6 +60,8 @@ def survey_faces(
             if landmarks is not None:
                 xs, ys = landmarks[:, 0] * analysis_width, landmarks[:, 1] * analysis_height
                 mesh_boxes.append((xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()))
+    except FfmpegTimeout:
+        raise  # a slow or stuck decode is not a property of the clip: fail this attempt, cache no rejection
     except FfmpegError as error:
         return Rejection("locate", "undecodable", str(error))
     finally:

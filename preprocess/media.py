@@ -1,18 +1,69 @@
-"""Thin, safe wrappers around the ffmpeg command line (argument lists, never a shell string)."""
+"""Safe wrappers around the ffmpeg/ffprobe command line: argument lists (never a shell string), stderr drained
+while the tool runs, and a wall-clock limit on every call.
+
+Every external media tool the pipeline runs goes through :func:`run_tool` (run to completion),
+:func:`stream_stdout` (read its output while it runs; :func:`iter_rgb_frames` builds on it) or
+:func:`feed_stdin` (write its input while it runs). All three:
+
+* read stderr on a thread *while the process runs*. A damaged source makes ffmpeg log an error per broken
+  packet; a pipe holds 64 KiB, and a process whose stderr pipe is full blocks forever, so reading stderr only
+  after stdout ends (as this module once did) deadlocked the decode. The drain keeps the first and last lines
+  (bounded memory whatever the volume) and counts the lines: with ``-v error`` every line is an error, which
+  is how the standardise stage counts decode errors over the clip (``ToolRun.log_lines``).
+* enforce a time limit, ``MediaTimeouts.limit_s(duration)`` = ``base_s + per_media_s x`` the seconds of media
+  the call handles (base only when that is unknown or not the point, e.g. reading a container's header). A call
+  past its limit has its whole process group killed and raises :class:`FfmpegTimeout` (a :class:`FfmpegError`)
+  naming the call's purpose, the limit and the end of the tool's log.
+
+The limits live in ``preprocess.settings.MediaTimeouts`` (one source of truth); every helper takes
+``limits=`` to override them, ``None`` meaning the defaults.
+"""
 
 from __future__ import annotations
 
+import collections
 import json
+import os
 import re
+import select
+import signal
 import subprocess
+import threading
+import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from preprocess.settings import MediaTimeouts
+
+FFMPEG_PREFIX = ("ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-y")
+FFPROBE_PREFIX = ("ffprobe", "-v", "error", "-hide_banner")
+
+_MESSAGE_TAIL_CHARS = 800  # characters of a tool's log quoted in an error message
+_LOG_HEAD_LINES, _LOG_TAIL_LINES = 20, 200  # lines of stderr kept, from its start and its end
+_MAX_LINE_BYTES = 4096  # a longer "line" (no newline for that long) is cut there
+_REPEATED = re.compile(r"^\s*Last message repeated (\d+) times?\s*$")
+_JOIN_S = 5.0  # how long to wait for a reader thread once its process has exited
+_POLL_S = 0.25  # longest single wait on a tool's output
+
 
 class FfmpegError(RuntimeError):
-    """ffmpeg/ffprobe failed; the message carries the end of its stderr."""
+    """ffmpeg/ffprobe failed; the message names the call's purpose and carries the end of its stderr."""
+
+
+class FfmpegTimeout(FfmpegError):
+    """A media tool ran past its time limit and was killed (with its process group)."""
+
+    def __init__(self, purpose: str, limit_s: float, log_tail: str) -> None:
+        super().__init__(
+            f"{purpose}: killed after its time limit of {limit_s:.1f} s (preprocess.settings.MediaTimeouts: raise "
+            f"base_s/per_media_s if the machine is only slow); its last output: {log_tail or '(nothing logged)'}")
+        self.purpose, self.limit_s, self.log_tail = purpose, limit_s, log_tail
 
 
 _LOG_CONTEXT_ADDRESS = re.compile(r" @ 0x[0-9a-f]+")
@@ -24,23 +75,277 @@ def clean_ffmpeg_log(text: str) -> str:
     return _LOG_CONTEXT_ADDRESS.sub("", text)
 
 
-def run_ffmpeg(args: Sequence[str]) -> None:
-    command = ["ffmpeg", "-nostdin", "-hide_banner", "-v", "error", "-y", *map(str, args)]
-    completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise FfmpegError(f"ffmpeg exited {completed.returncode}: {clean_ffmpeg_log(completed.stderr).strip()[-800:]}")
+def media_limits(limits: MediaTimeouts | None = None) -> MediaTimeouts:
+    """``limits``, or the defaults from the settings (imported here: settings imports this module's users)."""
+    if limits is not None:
+        return limits
+    from preprocess.settings import MediaTimeouts
+
+    return MediaTimeouts()
 
 
-def count_video_frames(path: Path) -> int:
-    """Exact number of video frames (packets) in the first video stream, read from the container."""
-    completed = subprocess.run(
-        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-count_packets",
-         "-show_entries", "stream=nb_read_packets", "-of", "json", str(path)],
-        capture_output=True, text=True,
-    )
-    if completed.returncode != 0:
-        raise FfmpegError(f"ffprobe failed on {path}: {clean_ffmpeg_log(completed.stderr).strip()[-400:]}")
-    return int(json.loads(completed.stdout)["streams"][0]["nb_read_packets"])
+@dataclass(frozen=True)
+class ToolRun:
+    """What a finished media tool left: exit status, stdout (when captured) and its cleaned log.
+
+    ``log_lines`` counts the lines it wrote to stderr (a ``Last message repeated n times`` line counts n):
+    with ``-v error`` each is an error ffmpeg logged. ``log`` is the cleaned stderr, its middle left out when
+    longer than the lines kept; ``first_line`` is its first line ("" when it logged nothing).
+    """
+
+    returncode: int
+    stdout: bytes
+    log: str
+    log_lines: int
+    first_line: str
+    seconds: float
+
+    def log_tail(self, chars: int = _MESSAGE_TAIL_CHARS) -> str:
+        return self.log.strip()[-chars:]
+
+
+class _LogDrain(threading.Thread):
+    """Reads a process's stderr to its end, keeping its first and last lines and counting all of them."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        super().__init__(daemon=True, name="media-tool-stderr")
+        self._stream = stream
+        self.head: list[str] = []
+        self.tail: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
+        self.n_kept = 0  # lines that went into head or tail (for the "omitted" count)
+        self.n_lines = 0  # log lines, a "Last message repeated n times" counting n
+
+    def run(self) -> None:
+        pending = b""
+        try:
+            while chunk := self._stream.read1(65536):  # type: ignore[attr-defined]
+                *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+                for line in lines:
+                    self._add(line)
+                if len(pending) > _MAX_LINE_BYTES:
+                    self._add(pending[:_MAX_LINE_BYTES])
+                    pending = b""
+        except (OSError, ValueError):  # the pipe was closed under us: the process is gone
+            pass
+        self._add(pending)
+
+    def _add(self, raw: bytes) -> None:
+        line = clean_ffmpeg_log(raw.decode("utf-8", errors="replace")).rstrip()
+        if not line.strip():
+            return
+        repeated = _REPEATED.match(line)
+        self.n_lines += int(repeated.group(1)) if repeated else 1
+        self.n_kept += 1
+        if len(self.head) < _LOG_HEAD_LINES:
+            self.head.append(line)
+        else:
+            self.tail.append(line)
+
+    @property
+    def first_line(self) -> str:
+        return self.head[0].strip() if self.head else ""
+
+    def text(self) -> str:
+        omitted = self.n_kept - len(self.head) - len(self.tail)
+        middle = [f"[... {omitted} lines left out ...]"] if omitted > 0 else []
+        return "\n".join([*self.head, *middle, *self.tail])
+
+    def tail_text(self, chars: int = _MESSAGE_TAIL_CHARS) -> str:
+        return self.text().strip()[-chars:]
+
+
+def _start(command: Sequence[object], *, stdin: int | None, stdout: int | None) -> tuple[subprocess.Popen, _LogDrain]:
+    """Start ``command`` in its own process group (so that a kill reaches anything it starts), stderr drained."""
+    argv = [str(part) for part in command]
+    try:
+        process = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, start_new_session=True)
+    except FileNotFoundError as error:  # a broken installation, not a bad video: stop the run
+        raise RuntimeError(f"{argv[0]} is not installed or not on PATH (Debian: apt-get install ffmpeg)") from error
+    drain = _LogDrain(process.stderr)
+    drain.start()
+    return process, drain
+
+
+def _kill(process: subprocess.Popen) -> None:
+    """SIGKILL the process group of a process started by ``_start`` (if still running) and reap it."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    process.wait()
+
+
+def _finish(process: subprocess.Popen, drain: _LogDrain, *threads: threading.Thread) -> None:
+    """Kill if still running, then collect the reader threads and close the pipes."""
+    _kill(process)
+    for thread in (drain, *threads):
+        thread.join(_JOIN_S)
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:  # stdin whose reader died: the close's flush hits a broken pipe
+                pass
+
+
+def run_tool(
+    command: Sequence[object], *, purpose: str, timeout_s: float, capture_stdout: bool = False
+) -> ToolRun:
+    """Run ``command`` to completion within ``timeout_s`` seconds of wall clock; never raises for a non-zero
+    exit (the caller judges ``returncode`` and ``log``). Raises :class:`FfmpegTimeout` past the limit and
+    ``RuntimeError`` when the tool is not installed."""
+    started = time.monotonic()
+    process, drain = _start(command, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE if capture_stdout else subprocess.DEVNULL)
+    chunks: list[bytes] = []
+    readers = []
+    if capture_stdout:
+        readers.append(threading.Thread(target=lambda: chunks.append(process.stdout.read()), daemon=True,
+                                        name="media-tool-stdout"))
+        readers[0].start()
+    try:
+        returncode = process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _finish(process, drain, *readers)
+        raise FfmpegTimeout(purpose, timeout_s, drain.tail_text()) from None
+    finally:
+        _finish(process, drain, *readers)
+    return ToolRun(returncode=returncode, stdout=b"".join(chunks), log=drain.text(), log_lines=drain.n_lines,
+                   first_line=drain.first_line, seconds=round(time.monotonic() - started, 3))
+
+
+def run_ffmpeg(
+    args: Sequence[object], *, purpose: str = "ffmpeg", media_duration_s: float | None = None,
+    limits: MediaTimeouts | None = None,
+) -> ToolRun:
+    """``ffmpeg -v error -y <args>``; raises :class:`FfmpegError` on a non-zero exit, :class:`FfmpegTimeout`
+    past ``limits.limit_s(media_duration_s)`` (the seconds of media the call decodes or writes)."""
+    timeout_s = media_limits(limits).limit_s(media_duration_s)
+    result = run_tool([*FFMPEG_PREFIX, *args], purpose=purpose, timeout_s=timeout_s)
+    if result.returncode != 0:
+        raise FfmpegError(f"{purpose}: ffmpeg exited {result.returncode}: {result.log_tail()}")
+    return result
+
+
+def run_ffprobe(
+    args: Sequence[object], *, purpose: str, media_duration_s: float | None = None,
+    limits: MediaTimeouts | None = None,
+) -> ToolRun:
+    """``ffprobe -v error <args>`` with stdout captured; raises :class:`FfmpegError` on a non-zero exit."""
+    timeout_s = media_limits(limits).limit_s(media_duration_s)
+    result = run_tool([*FFPROBE_PREFIX, *args], purpose=purpose, timeout_s=timeout_s, capture_stdout=True)
+    if result.returncode != 0:
+        raise FfmpegError(f"{purpose}: ffprobe exited {result.returncode}: {result.log_tail()}")
+    return result
+
+
+def count_video_frames(path: Path, *, limits: MediaTimeouts | None = None) -> int:
+    """Exact number of video frames (packets) in the first video stream, read from the container.
+
+    Demuxes the whole file without decoding (milliseconds for a clip), so the base limit applies.
+    """
+    result = run_ffprobe(["-select_streams", "v:0", "-count_packets", "-show_entries", "stream=nb_read_packets",
+                          "-of", "json", str(path)], purpose=f"counting the video frames of {path}", limits=limits)
+    return int(json.loads(result.stdout)["streams"][0]["nb_read_packets"])
+
+
+def media_duration_s(path: Path, *, limits: MediaTimeouts | None = None) -> float:
+    """The container's duration in seconds (ffprobe reads the header only). Raises :class:`FfmpegError`
+    when ffprobe fails or states no duration."""
+    result = run_ffprobe(["-show_entries", "format=duration", "-of", "json", str(path)],
+                         purpose=f"reading the duration of {path}", limits=limits)
+    try:
+        return float(json.loads(result.stdout)["format"]["duration"])
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
+        raise FfmpegError(f"reading the duration of {path}: ffprobe states none ({result.stdout[:200]!r})") from error
+
+
+def stream_stdout(
+    command: Sequence[object], *, chunk_bytes: int, purpose: str, timeout_s: float
+) -> Iterator[np.ndarray]:
+    """Run ``command`` and yield its stdout in chunks of exactly ``chunk_bytes`` (uint8 arrays of that length;
+    a shorter last piece is dropped), raising :class:`FfmpegError` if it exits non-zero.
+
+    The limit counts the time spent *waiting for the tool*, not the time the consumer holds a chunk: a slow
+    consumer (a VAE on CPU, a face mesh) stalls the tool through the full pipe and must not trip the limit of
+    the tool it stalls; a tool that delivers nothing for longer than the rest of its budget is killed. Closing
+    the generator early (``break``, ``close()``, garbage collection) kills the tool: it never keeps running for
+    frames nobody reads.
+    """
+    process, drain = _start(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    fd = process.stdout.fileno()
+    spent = 0.0  # seconds spent waiting for the tool so far
+    resumed = time.monotonic()
+    finished = False
+    try:
+        while True:
+            chunk = np.empty(chunk_bytes, np.uint8)
+            view, filled = memoryview(chunk), 0
+            while filled < chunk_bytes:
+                remaining = timeout_s - spent - (time.monotonic() - resumed)
+                if remaining <= 0:
+                    _finish(process, drain)
+                    raise FfmpegTimeout(purpose, timeout_s, drain.tail_text())
+                # short waits: Python code runs between them, so an exception injected into this thread (a
+                # Prefect task timeout) lands promptly instead of after a long select
+                if not select.select([fd], [], [], min(remaining, _POLL_S))[0]:
+                    continue
+                count = os.readv(fd, [view[filled:]])
+                if count == 0:
+                    break
+                filled += count
+            if filled < chunk_bytes:
+                break
+            spent += time.monotonic() - resumed
+            yield chunk
+            resumed = time.monotonic()
+        remaining = timeout_s - spent - (time.monotonic() - resumed)
+        try:
+            returncode = process.wait(timeout=max(remaining, 0.01))
+        except subprocess.TimeoutExpired:  # stdout closed, yet it does not exit
+            _finish(process, drain)
+            raise FfmpegTimeout(purpose, timeout_s, drain.tail_text()) from None
+        finished = True
+    finally:
+        _finish(process, drain)  # kills it when the consumer stopped early or an error left the loop
+    if finished and returncode != 0:
+        raise FfmpegError(f"{purpose}: {command[0]} exited {returncode}: {drain.tail_text()}")
+
+
+@contextmanager
+def feed_stdin(command: Sequence[object], *, purpose: str, timeout_s: float) -> Iterator[IO[bytes]]:
+    """Run ``command`` with its stdin open for the ``with`` block to write into (e.g. raw frames for ffmpeg
+    to encode); on leaving the block stdin is closed and the tool must finish. A watchdog kills it when the
+    whole call passes ``timeout_s`` (writes then fail and :class:`FfmpegTimeout` is raised); a non-zero exit
+    raises :class:`FfmpegError`."""
+    process, drain = _start(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        _kill(process)
+
+    watchdog = threading.Timer(timeout_s, expire)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        try:
+            yield process.stdin
+            process.stdin.close()
+        except (BrokenPipeError, OSError, ValueError):
+            if not expired.is_set():  # the tool died early: its exit status and log below say why
+                process.wait()
+            else:
+                raise FfmpegTimeout(purpose, timeout_s, drain.tail_text()) from None
+        returncode = process.wait(timeout=timeout_s + _JOIN_S)  # the watchdog ends it before this expires
+    finally:
+        watchdog.cancel()
+        _finish(process, drain)
+    if expired.is_set():
+        raise FfmpegTimeout(purpose, timeout_s, drain.tail_text())
+    if returncode != 0:
+        raise FfmpegError(f"{purpose}: {command[0]} exited {returncode}: {drain.tail_text()}")
 
 
 def iter_rgb_frames(
@@ -52,11 +357,20 @@ def iter_rgb_frames(
     duration_s: float | None = None,
     fps: float | None = None,
     pre_filters: Sequence[str] = (),
+    limits: MediaTimeouts | None = None,
 ) -> Iterator[np.ndarray]:
     """Decode frames as (height, width, 3) uint8 RGB arrays, resampled to ``fps`` when given.
 
-    ffmpeg applies rotation metadata before the filters, so frames come out as displayed.
+    ffmpeg applies rotation metadata before the filters, so frames come out as displayed. The time limit is
+    ``limits.limit_s`` of ``duration_s`` (of the file's duration, read by ffprobe, when None) and counts only
+    the time spent waiting for ffmpeg (see :func:`stream_stdout`). Raises :class:`FfmpegError` when ffmpeg
+    fails, :class:`FfmpegTimeout` past the limit; stopping early kills ffmpeg.
     """
+    limits = media_limits(limits)
+    if duration_s is None:
+        duration = max(0.0, media_duration_s(path, limits=limits) - start_s)
+    else:
+        duration = duration_s
     filters = list(pre_filters)
     if fps is not None:
         filters.append(f"fps={fps}")
@@ -68,19 +382,11 @@ def iter_rgb_frames(
         command += ["-t", f"{duration_s:.3f}"]
     command += ["-i", str(path), "-map", "0:V:0", "-vf", ",".join(filters),
                 "-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
-    frame_bytes = width * height * 3
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    purpose = f"decoding frames of {path} from {start_s:.3f} s for {duration:.3f} s"
+    chunks = stream_stdout(command, chunk_bytes=width * height * 3, purpose=purpose,
+                           timeout_s=limits.limit_s(duration))
     try:
-        assert process.stdout is not None
-        while True:
-            chunk = process.stdout.read(frame_bytes)
-            if len(chunk) < frame_bytes:
-                break
-            yield np.frombuffer(chunk, np.uint8).reshape(height, width, 3)
+        for chunk in chunks:
+            yield chunk.reshape(height, width, 3)
     finally:
-        process.stdout.close()
-        stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
-        returncode = process.wait()
-        process.stderr.close()
-    if returncode != 0:
-        raise FfmpegError(f"decoding {path} failed: {clean_ffmpeg_log(stderr).strip()[-400:]}")
+        chunks.close()  # when our consumer stops early: stops ffmpeg now, not whenever the generator is collected

@@ -5,12 +5,15 @@ directly. A ``ClipJob`` carries one candidate clip through the stages. Once it i
 it through untouched. Each stage's cache key hashes the upstream key, the stage's own settings and a
 ``STAGE_VERSIONS`` number (bump it when a stage's code changes its output), so a changed threshold only
 re-runs the stages that read it. An unexpected exception inside a stage becomes an ``error`` rejection for
-that clip (not cached, so the next run retries it) instead of stopping the run.
+that clip (not cached, so the next run retries it) instead of stopping the run, unless it is a failure of the
+environment (``preprocess.failures``: imports, model loading, CUDA, memory, disk), which stops the run.
 
-The audio stages (``run_separate`` ... ``run_wav2vec``) run on each kept piece after filter-and-split. Their
-keys hash the piece's content key (or the upstream audio stage's key), the stage's settings and the model
-reference (``ModelChoice`` fingerprint); a model is loaded only inside ``compute``, so a cached re-run never
-loads one. Their results (the JSON the stage returned, plus ``key`` and ``dir``) accumulate in
+Filter-and-split (``run_select``) first runs Silero VAD once over the standardised clip (its own cached stage,
+``speech_activity``), for each piece's ``speech_fraction``. The audio stages (``run_separate`` ... ``run_wav2vec``)
+run on each kept piece after it. Their keys hash the piece's content key (or the upstream audio stage's key;
+separation, which reads the source file, hashes the source's content and the piece's range in it), the stage's
+settings and the model reference (``ModelChoice`` fingerprint); a model is loaded only inside ``compute``, so a
+cached re-run never loads one. Their results (the JSON the stage returned, plus ``key`` and ``dir``) accumulate in
 ``PieceOutcome.features``; a crash in one rejects the piece with reason ``error`` (retried next run).
 """
 
@@ -32,16 +35,18 @@ from preprocess.cut import cut_piece
 from preprocess.describe import sample_frames_uniformly
 from preprocess.face_models import mediapipe_version
 from preprocess.faces import LANDMARKS_FILE, POSE_FILE, FaceTrack, track_faces
-from preprocess.filters import PieceStats, judge_piece, piece_stats, plan_pieces
+from preprocess.failures import EnvironmentFailure, is_environment_error
+from preprocess.filters import PieceStats, audio_padding_per_frame, judge_piece, piece_stats, plan_pieces
 from preprocess.locate import FaceSurvey, survey_faces
 from preprocess.media import iter_rgb_frames
 from preprocess.probe import probe_video
 from preprocess.records import Candidate, CropBox, ProbeResult, Rejection
 from preprocess.separate import separate_vocals
 from preprocess.settings import ModelChoice, PreprocessSettings
+from preprocess.speech_activity import SPEECH_FLAGS_FILE, measure_speech_activity, silero_identity
 from preprocess.speech_emotion import classify_speech
 from preprocess.stage_models import is_tiny_reference, load_model
-from preprocess.standardise import AUDIO_FILE, VIDEO_FILE, StandardisedClip, standardise_clip
+from preprocess.standardise import VIDEO_FILE, StandardisedClip, standardise_clip
 from preprocess.text_emotion import score_transcript
 from preprocess.transcribe import transcribe_vocals
 from preprocess.valence_arousal import valence_arousal_windows
@@ -49,8 +54,9 @@ from preprocess.wav2vec_features import wav2vec_frames
 
 log = logging.getLogger(__name__)
 
-STAGE_VERSIONS = {"probe": 1, "locate": 1, "standardise": 2, "faces": 1, "pieces": 1, "separate": 1,
-                  "transcribe": 1, "text_emotion": 1, "speech_emotion": 1, "valence_arousal": 1, "wav2vec": 2,
+STAGE_VERSIONS = {"probe": 1, "locate": 1, "standardise": 3, "faces": 1, "speech_activity": 1, "pieces": 1,
+                  "separate": 2,
+                  "transcribe": 1, "text_emotion": 1, "speech_emotion": 2, "valence_arousal": 1, "wav2vec": 2,
                   "action_units": 1, "describe": 1, "text_embedding": 1, "latents": 1}
 # The per-piece audio stages, in the order they run (also their stage_timings / clips-table names).
 AUDIO_STAGES = ("separate", "transcribe", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec")
@@ -127,9 +133,16 @@ def _guarded(stage: str, job: ClipJob, body) -> ClipJob:
         return job
     try:
         return body()
-    except Exception as error:  # a bad clip must never stop the run
+    except Exception as error:  # a bad clip must never stop the run; a broken environment must
+        _raise_if_environmental(stage, job.candidate.candidate_id, error)
         log.error("stage %s crashed on %s:\n%s", stage, job.candidate.candidate_id, traceback.format_exc())
         return _reject(job, Rejection(stage, "error", f"{type(error).__name__}: {error}"))
+
+
+def _raise_if_environmental(stage: str, clip_id: str, error: Exception) -> None:
+    """A failure of the environment (model, device, memory, disk) stops the run instead of rejecting the clip."""
+    if is_environment_error(error):
+        raise EnvironmentFailure(stage, clip_id, error) from error
 
 
 def start_job(candidate: Candidate, workspace: Workspace) -> ClipJob:
@@ -147,7 +160,8 @@ def run_probe(job: ClipJob, settings: PreprocessSettings, workspace: Workspace) 
         key = stable_hash("probe", STAGE_VERSIONS["probe"], job.source_sha256, settings.probe.fingerprint())
 
         def compute(_: Path) -> dict:
-            result = probe_video(job.candidate.source, decode_check=settings.probe.decode_check)
+            result = probe_video(job.candidate.source, decode_check=settings.probe.decode_check,
+                                 limits=settings.media)
             return _encode(result)
 
         stored, cached = workspace.cache.run("probe", key, compute)
@@ -182,7 +196,7 @@ def run_locate(job: ClipJob, settings: PreprocessSettings, workspace: Workspace)
 
         def compute(_: Path) -> dict:
             return _encode(survey_faces(job.candidate.source, job.probe, job.candidate.start_s, job.duration_s,
-                                        settings.locate))
+                                        settings.locate, limits=settings.media))
 
         stored, cached = workspace.cache.run("locate", key, compute)
         result = _decode(stored, FaceSurvey)
@@ -205,7 +219,7 @@ def run_standardise(job: ClipJob, settings: PreprocessSettings, workspace: Works
 
         def compute(out_dir: Path) -> dict:
             return _encode(standardise_clip(job.candidate.source, job.candidate.start_s, job.duration_s, box,
-                                            settings.standardise, out_dir))
+                                            settings.standardise, out_dir, limits=settings.media))
 
         stored, cached = workspace.cache.run("standardise", key, compute)
         result = _decode(stored, StandardisedClip)
@@ -225,7 +239,8 @@ def run_faces(job: ClipJob, settings: PreprocessSettings, workspace: Workspace) 
         video = workspace.cache.entry_dir("standardise", job.standardise_key) / job.standardised.video
 
         def compute(out_dir: Path) -> dict:
-            return _encode(track_faces(video, job.standardised.size, settings.faces, out_dir))
+            return _encode(track_faces(video, job.standardised.size, settings.faces, out_dir,
+                                       limits=settings.media))
 
         stored, cached = workspace.cache.run("faces", key, compute)
         result = _decode(stored, FaceTrack)
@@ -244,11 +259,14 @@ def run_select(job: ClipJob, settings: PreprocessSettings, workspace: Workspace)
     try:
         fps = job.standardised.fps
         pose = np.load(workspace.cache.entry_dir("faces", job.faces_key) / POSE_FILE)
+        speech_flags, job = _speech_activity(job, settings, workspace)
+        padding = audio_padding_per_frame(job.standardised.n_frames, job.standardised.sample_rate // fps,
+                                          job.standardised.audio_padded_samples)
         ranges = plan_pieces(job.standardised.n_frames, fps, settings.filters.max_clip_s)
         outcomes = []
         for index, frames in enumerate(ranges):
             clip_id = job.candidate.candidate_id if len(ranges) == 1 else f"{job.candidate.candidate_id}_p{index}"
-            stats = piece_stats(pose, job.survey, frames, fps, settings.filters)
+            stats = piece_stats(pose, job.survey, frames, fps, settings.filters, speech_flags, padding)
             outcome = PieceOutcome(clip_id=clip_id, job=job, piece_index=index, n_pieces=len(ranges),
                                    frames=frames, stats=stats, rejection=judge_piece(stats, settings.filters))
             if outcome.rejection is None:
@@ -256,9 +274,23 @@ def run_select(job: ClipJob, settings: PreprocessSettings, workspace: Workspace)
             outcomes.append(outcome)
         return outcomes
     except Exception as error:
+        _raise_if_environmental("pieces", job.candidate.candidate_id, error)
         log.error("selecting pieces crashed on %s:\n%s", job.candidate.candidate_id, traceback.format_exc())
         return [PieceOutcome(clip_id=job.candidate.candidate_id, job=job,
                              rejection=Rejection("pieces", "error", f"{type(error).__name__}: {error}"))]
+
+
+def _speech_activity(job: ClipJob, settings: PreprocessSettings, workspace: Workspace) -> tuple[np.ndarray, ClipJob]:
+    """Silero VAD over the whole standardised clip, once (cached): per-frame speech flags (n_frames,) uint8 for
+    every piece's ``speech_fraction``, and the job with the stage's timing added."""
+    chosen = settings.filters.speech_activity
+    key = stable_hash("speech_activity", STAGE_VERSIONS["speech_activity"], job.standardise_key,
+                      chosen.fingerprint(), silero_identity())
+    audio = workspace.cache.entry_dir("standardise", job.standardise_key) / job.standardised.audio
+    stored, cached = workspace.cache.run("speech_activity", key, lambda out_dir: asdict(
+        measure_speech_activity(audio, job.standardised.fps, chosen, out_dir)))
+    flags = np.load(workspace.cache.entry_dir("speech_activity", key) / SPEECH_FLAGS_FILE)
+    return flags, replace(job, timings=job.timings + (StageTiming("speech_activity", stored["seconds"], cached),))
 
 
 def _cut(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
@@ -268,7 +300,8 @@ def _cut(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspa
     clip_dir = workspace.cache.entry_dir("standardise", job.standardise_key)
     faces_dir = workspace.cache.entry_dir("faces", job.faces_key)
     stored, cached = workspace.cache.run("pieces", key, lambda out_dir: cut_piece(
-        clip_dir, faces_dir, job.standardised.n_frames, outcome.frames, settings.standardise, out_dir))
+        clip_dir, faces_dir, job.standardised.n_frames, outcome.frames, settings.standardise, out_dir,
+        limits=settings.media))
     return replace(outcome, files_dir=str(workspace.cache.entry_dir("pieces", key)), content_key=key,
                    timings=(StageTiming("cut", stored["seconds"], cached),))
 
@@ -291,7 +324,8 @@ def _run_piece_stage(stage: str, outcome: PieceOutcome, workspace: Workspace, ke
     try:
         key = stable_hash(stage, STAGE_VERSIONS[stage], *key_parts)
         stored, cached = workspace.cache.run(stage, key, compute)
-    except Exception as error:  # a bad clip must never stop the run
+    except Exception as error:  # a bad clip must never stop the run; a broken environment must
+        _raise_if_environmental(stage, outcome.clip_id, error)
         log.error("stage %s crashed on %s:\n%s", stage, outcome.clip_id, traceback.format_exc())
         return replace(outcome, rejection=Rejection(stage, "error", f"{type(error).__name__}: {error}"))
     # the JSON round trip makes a fresh result look exactly like a cached one (tuples become lists)
@@ -305,15 +339,31 @@ def _vocals(outcome: PieceOutcome) -> Path:
     return Path(separated["dir"]) / separated["vocals"]
 
 
+def piece_source_range(outcome: PieceOutcome) -> tuple[float, float]:
+    """(start, duration) in seconds of the source that a piece's frames cover: the candidate's start as
+    standardise seeks it (to the millisecond) plus the piece's first frame, and its frames' duration."""
+    fps, (start, end) = outcome.job.standardised.fps, outcome.frames
+    return round(outcome.job.candidate.start_s, 3) + start / fps, (end - start) / fps
+
+
 def run_separate(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
-    choice = settings.models.separation
+    """Demucs on the source's full-band audio for the piece's range (``preprocess.separate``); vocals.wav has
+    the piece's clip.wav length and gain. Keyed on the source's content and range, not on clip.wav."""
+    if not outcome.kept:
+        return outcome
+    choice, job = settings.models.separation, outcome.job
+    start_s, duration_s = piece_source_range(outcome)
+    clip = job.standardised
+    n_samples = (outcome.frames[1] - outcome.frames[0]) * (clip.sample_rate // clip.fps)
 
     def compute(out_dir: Path) -> dict:
-        return asdict(separate_vocals(Path(outcome.files_dir) / AUDIO_FILE, load_model("separation", choice),
-                                      settings.audio.separation, out_dir))
+        return asdict(separate_vocals(job.candidate.source, start_s, duration_s, n_samples, clip.sample_rate,
+                                      clip.gain_db, load_model("separation", choice), settings.audio.separation,
+                                      out_dir, limits=settings.media))
 
     return _run_piece_stage("separate", outcome, workspace, [
-        outcome.content_key, settings.audio.separation.fingerprint(), _model_identity(choice)], compute)
+        job.source_sha256, start_s, duration_s, n_samples, clip.sample_rate, clip.gain_db,
+        settings.audio.separation.fingerprint(), _model_identity(choice)], compute)
 
 
 def run_transcribe(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
@@ -448,12 +498,18 @@ def run_describe(outcome: PieceOutcome, settings: PreprocessSettings, workspace:
 
     def compute(_: Path) -> dict:
         captioner = load_model("captioning", choice)
-        frames = sample_frames_uniformly(_piece_file(outcome, VIDEO_FILE), chosen.n_frames, chosen.frame_size)
-        with captioner.lock:
-            text = captioner.model.describe(frames, chosen.prompt, chosen.max_new_tokens)
+        video = _piece_file(outcome, VIDEO_FILE)
+        if hasattr(captioner.model, "describe_video"):  # VideoLLaMA2's service reads the clip with its own sampler
+            described = captioner.model.describe_video(video, chosen.prompt, chosen.max_new_tokens)
+            text, n_frames, frame_size = described.text, described.n_frames, described.frame_size
+        else:
+            frames = sample_frames_uniformly(video, chosen.n_frames, chosen.frame_size)
+            with captioner.lock:
+                text = captioner.model.describe(frames, chosen.prompt, chosen.max_new_tokens)
+            n_frames, frame_size = len(frames), chosen.frame_size
         # An empty answer is recorded as such, never replaced by a made-up one.
         return {"text": text, "status": "ok" if text.strip() else "empty", "prompt": chosen.prompt,
-                "model": choice.model, "n_frames": len(frames), "frame_size": chosen.frame_size}
+                "model": choice.model, "n_frames": n_frames, "frame_size": frame_size}
 
     return _run_piece_stage("describe", outcome, workspace, [
         outcome.content_key, chosen.fingerprint(), _model_identity(choice)], compute)

@@ -10,7 +10,7 @@ Rejection reasons (stable codes, roughly in the order they are checked; ``detail
 ``file_not_found``   the path does not exist.
 ``empty_file``       the file has 0 bytes.
 ``unreadable``       ffprobe cannot parse the file (garbage bytes, unknown format, not a regular file,
-                     permission denied, ffprobe timed out).
+                     permission denied, ffprobe ran past its time limit).
 ``no_video_stream``  no video stream (audio-only files; cover art / attached pictures do not count).
 ``zero_duration``    neither the container nor the video stream states a positive duration (still
                      images, single-frame files).
@@ -50,6 +50,10 @@ Variable frame rate heuristic (``variable_frame_rate``), true when either:
 
 The rate check sees the whole file but misses mild jitter (phones: r=30, avg=29.8); the timestamp check
 sees jitter but only at the start. Both are cheap.
+
+Every ffprobe/ffmpeg call goes through ``preprocess.media.run_tool`` (stderr drained while it runs) with the base
+time limit of ``MediaTimeouts`` (none of them reads more than a few hundred packets or one GOP); a decode check
+past its limit counts as "no frame decoded".
 """
 
 from __future__ import annotations
@@ -59,12 +63,15 @@ import json
 import math
 import re
 import statistics
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from preprocess.media import clean_ffmpeg_log
+from preprocess.media import FfmpegTimeout, ToolRun, clean_ffmpeg_log, media_limits, run_tool
 from preprocess.records import ProbeResult, Rejection
+
+if TYPE_CHECKING:
+    from preprocess.settings import MediaTimeouts
 
 STAGE = "probe"
 
@@ -83,8 +90,6 @@ FFPROBE = "ffprobe"
 FFMPEG = "ffmpeg"
 
 _PACKETS_READ = 400  # packets (all streams) whose timestamps the ffprobe call reads for the VFR check
-_PROBE_TIMEOUT_S = 120.0
-_DECODE_TIMEOUT_S = 120.0
 _RATE_TOLERANCE = 0.01
 _ISO_BOXES = {b"ftyp", b"mdat", b"moov", b"free", b"skip", b"wide", b"pnot", b"uuid"}  # mp4/mov first boxes
 _STDERR_KEEP = 600  # characters of tool stderr kept in a rejection's detail
@@ -103,35 +108,36 @@ def _input_url(path: Path) -> str:
     return "file:" + str(path.resolve())
 
 
-def _run(command: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            list(command), check=False, capture_output=True, text=True, errors="replace", timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-    except FileNotFoundError as error:  # a broken installation, not a bad video: stop the run
-        raise RuntimeError(f"{command[0]} is not installed or not on PATH") from error
+def _run(command: Sequence[str], purpose: str, limits: MediaTimeouts | None) -> ToolRun:
+    """Run a header read or a one-frame decode under the base time limit (its length does not scale with the
+    file's). Raises ``FfmpegTimeout`` past it."""
+    return run_tool(command, purpose=purpose, timeout_s=media_limits(limits).limit_s(None), capture_stdout=True)
 
 
-def ffprobe_json(path: str | Path, *, extra_args: Sequence[str] = (), timeout: float = _PROBE_TIMEOUT_S) -> dict:
+def ffprobe_json(
+    path: str | Path, *, extra_args: Sequence[str] = (), limits: MediaTimeouts | None = None
+) -> dict:
     """``ffprobe -show_streams -show_format -of json`` of ``path`` as a dict (``extra_args`` are added).
 
-    Raises :class:`FFprobeError` when ffprobe fails or prints no JSON, ``subprocess.TimeoutExpired`` on
-    timeout.
+    Raises :class:`FFprobeError` when ffprobe fails or prints no JSON, ``preprocess.media.FfmpegTimeout`` past
+    the base time limit of ``limits``.
     """
     command = [FFPROBE, "-v", "error", "-hide_banner", "-show_streams", "-show_format", *extra_args,
                "-of", "json", _input_url(Path(path))]
-    completed = _run(command, timeout)
+    completed = _run(command, f"probing {path}", limits)
     if completed.returncode != 0:
-        raise FFprobeError(f"ffprobe exited {completed.returncode}: {_tail(completed.stderr)}", completed.stderr)
+        raise FFprobeError(f"ffprobe exited {completed.returncode}: {_tail(completed.log)}", completed.log)
     try:
-        return json.loads(completed.stdout or "{}")
+        return json.loads(completed.stdout.decode("utf-8", errors="replace") or "{}")
     except json.JSONDecodeError as error:
-        raise FFprobeError(f"ffprobe printed invalid JSON: {error}", completed.stderr) from error
+        raise FFprobeError(f"ffprobe printed invalid JSON: {error}", completed.log) from error
 
 
-def probe_video(path: str | Path, *, decode_check: bool = True) -> ProbeResult | Rejection:
-    """Facts about the video at ``path``, or a ``Rejection`` (see the module docstring for the codes)."""
+def probe_video(
+    path: str | Path, *, decode_check: bool = True, limits: MediaTimeouts | None = None
+) -> ProbeResult | Rejection:
+    """Facts about the video at ``path``, or a ``Rejection`` (see the module docstring for the codes).
+    ``limits``: the time limits of its ffprobe/ffmpeg calls (None: the settings' defaults)."""
     path = Path(path)
     try:
         if not path.exists():
@@ -148,9 +154,10 @@ def probe_video(path: str | Path, *, decode_check: bool = True) -> ProbeResult |
 
     try:
         info = ffprobe_json(path, extra_args=[
-            "-show_entries", "packet=stream_index,pts,dts", "-read_intervals", f"%+#{_PACKETS_READ}"])
-    except subprocess.TimeoutExpired:
-        return _reject("unreadable", f"ffprobe timed out after {_PROBE_TIMEOUT_S:.0f} s")
+            "-show_entries", "packet=stream_index,pts,dts", "-read_intervals", f"%+#{_PACKETS_READ}"], limits=limits)
+    except FfmpegTimeout as error:
+        return _reject("unreadable", f"ffprobe ran past its time limit of {error.limit_s:.0f} s: "
+                                     f"{_tail(error.log_tail) or 'nothing logged'}")
     except FFprobeError as error:
         if "moov atom not found" in error.stderr and head[4:8] in _ISO_BOXES:
             # a real mp4/mov (it starts with an ISO box) whose index was never written: typically a
@@ -218,7 +225,7 @@ def probe_video(path: str | Path, *, decode_check: bool = True) -> ProbeResult |
 
     if decode_check:
         video_end = min(duration, _float(v.get("duration")) or duration)  # audio may outlast the video
-        outcome = _decode_check(path, int(v.get("index", 0)), video_end)
+        outcome = _decode_check(path, int(v.get("index", 0)), video_end, limits)
         if isinstance(outcome, Rejection):
             return outcome
         notes.extend(outcome)
@@ -264,10 +271,12 @@ def timestamps_irregular(timestamps: Sequence[int], *, reorder_tail: int = 16) -
     return outliers >= max(2, 0.02 * len(deltas))
 
 
-def _decode_check(path: Path, stream_index: int, duration: float) -> Rejection | list[str]:
+def _decode_check(
+    path: Path, stream_index: int, duration: float, limits: MediaTimeouts | None
+) -> Rejection | list[str]:
     """Decode one frame at the start and one shortly before the end; notes, or the rejection."""
     notes: list[str] = []
-    ok, stderr = _decode_one_frame(path, stream_index, 0.0)
+    ok, stderr = _decode_one_frame(path, stream_index, 0.0, limits)
     if not ok:
         if "partial file" in stderr or "End of file" in stderr:
             return _reject("truncated", f"no frame decodes at the start, the file ends early: {_tail(stderr)}")
@@ -278,9 +287,9 @@ def _decode_check(path: Path, stream_index: int, duration: float) -> Rejection |
     margin = max(0.5, min(0.05 * duration, 2.0))
     at = duration - margin
     if at > 0.0:
-        ok, stderr = _decode_one_frame(path, stream_index, at)
+        ok, stderr = _decode_one_frame(path, stream_index, at, limits)
         if not ok:
-            if not _packets_reach(path, stream_index, at, duration):
+            if not _packets_reach(path, stream_index, at, duration, limits):
                 return _reject("truncated", f"no frame decodes at {at:.2f} s of the stated {duration:.2f} s "
                                             f"and the stream ends before: {_tail(stderr) or 'no error logged'}")
             # the packets are there: a container without an index (MPEG-TS) seeks to any packet, and with
@@ -293,7 +302,9 @@ def _decode_check(path: Path, stream_index: int, duration: float) -> Rejection |
     return notes
 
 
-def _decode_one_frame(path: Path, stream_index: int, at_s: float) -> tuple[bool, str]:
+def _decode_one_frame(
+    path: Path, stream_index: int, at_s: float, limits: MediaTimeouts | None
+) -> tuple[bool, str]:
     """Decode the first frame at or after ``at_s`` (input seek to the keyframe before, then decode).
 
     ``framecrc`` prints one line per decoded frame, so stdout tells whether a frame came out even when
@@ -304,25 +315,28 @@ def _decode_one_frame(path: Path, stream_index: int, at_s: float) -> tuple[bool,
         command += ["-ss", f"{at_s:.3f}"]
     command += ["-i", _input_url(path), "-map", f"0:{stream_index}", "-frames:v", "1", "-f", "framecrc", "-"]
     try:
-        completed = _run(command, _DECODE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return False, f"decoding timed out after {_DECODE_TIMEOUT_S:.0f} s"
-    frames = [line for line in completed.stdout.splitlines() if line.strip() and not line.startswith("#")]
-    stderr = completed.stderr
+        completed = _run(command, f"decoding one frame of {path} at {at_s:.3f} s", limits)
+    except FfmpegTimeout as error:
+        return False, f"decoding ran past its time limit of {error.limit_s:.0f} s\n{error.log_tail}"
+    stdout = completed.stdout.decode("utf-8", errors="replace")
+    frames = [line for line in stdout.splitlines() if line.strip() and not line.startswith("#")]
+    stderr = completed.log
     if completed.returncode != 0:
         stderr += f"\nffmpeg exited {completed.returncode}"
     return bool(frames), stderr
 
 
-def _packets_reach(path: Path, stream_index: int, at_s: float, duration: float) -> bool:
+def _packets_reach(
+    path: Path, stream_index: int, at_s: float, duration: float, limits: MediaTimeouts | None
+) -> bool:
     """Whether the demuxer delivers packets of the stream at or after ``at_s`` (no decoding)."""
     command = [FFPROBE, "-v", "error", "-hide_banner", "-select_streams", str(stream_index),
                "-read_intervals", f"{at_s:.3f}%{duration + 1.0:.3f}", "-show_entries", "packet=pts_time,dts_time",
                "-of", "json", _input_url(path)]
     try:
-        completed = _run(command, _DECODE_TIMEOUT_S)
-        packets = json.loads(completed.stdout or "{}").get("packets") or []
-    except (subprocess.TimeoutExpired, json.JSONDecodeError):
+        completed = _run(command, f"reading the packets of {path} after {at_s:.3f} s", limits)
+        packets = json.loads(completed.stdout.decode("utf-8", errors="replace") or "{}").get("packets") or []
+    except (FfmpegTimeout, json.JSONDecodeError):
         return False
     times = (_float(p.get("pts_time")) or _float(p.get("dts_time")) for p in packets)
     return any(t is not None and t >= at_s - 0.1 for t in times)

@@ -57,6 +57,28 @@ class StandardiseSettings(_Section):
     sample_rate: int = 16000
     loudness_lufs: float = Field(-23.0, description="EBU R128 / ITU-R BS.1770-4 integrated loudness target")
     true_peak_dbfs: float = Field(-1.0, description="peak ceiling after gain, to avoid clipping")
+    max_decode_errors: int = Field(
+        20, ge=0, description="error lines ffmpeg may log while decoding the clip's range (a damaged packet logs "
+        "about 2-5); above this the clip is rejected decode_errors, at or below it kept with a note decode_errors:<n>")
+
+
+class MediaTimeouts(_Section):
+    """Wall-clock limit of every ffmpeg/ffprobe call (``preprocess.media``): ``base_s + per_media_s x`` the seconds
+    of media the call decodes or writes (base only for header reads and single-frame decodes).
+
+    The limit exists so that no input can hang a worker; it is not a speed requirement. Measured here (2 cores):
+    standardising 60 s of 720p to 512x512 takes about 5.5 s (11x faster than real time), so 8 s per second of media
+    leaves ~90x headroom for 4K sources, slower machines and a CPU shared by several workers. A call past its limit
+    is killed and raises ``FfmpegTimeout``; the stage fails for that clip (not cached: the next run retries it).
+    Per run: ``overrides={"media": {"per_media_s": 20}}``; not part of any cache key (a limit changes no output).
+    """
+
+    base_s: float = Field(60.0, gt=0, description="seconds every call may take whatever the media's length")
+    per_media_s: float = Field(8.0, ge=0, description="further seconds allowed per second of media handled")
+
+    def limit_s(self, media_duration_s: float | None = None) -> float:
+        """The limit in seconds for a call handling ``media_duration_s`` seconds of media (None: the base)."""
+        return self.base_s + self.per_media_s * max(0.0, media_duration_s or 0.0)
 
 
 class FaceSettings(_Section):
@@ -65,6 +87,16 @@ class FaceSettings(_Section):
     refine_landmarks: bool = Field(True, description="478 landmarks (with irises) instead of 468")
     min_detection_confidence: float = 0.5
     min_tracking_confidence: float = 0.5
+
+
+class SpeechActivitySettings(_Section):
+    """Silero VAD on the standardised clip's audio (``preprocess.speech_activity``); Silero's own defaults."""
+
+    threshold: float = Field(0.5, gt=0, lt=1, description="a 32 ms window with a speech probability at or above "
+                             "this starts speech; speech ends below threshold - 0.15")
+    min_speech_ms: int = Field(250, ge=0, description="shorter speech segments are dropped")
+    min_silence_ms: int = Field(100, ge=0, description="a pause must last this long to end a speech segment")
+    speech_pad_ms: int = Field(30, ge=0, description="each speech segment is widened by this on both sides")
 
 
 class FilterSettings(_Section):
@@ -77,6 +109,24 @@ class FilterSettings(_Section):
     max_abs_yaw_deg: float = Field(45.0, description="|yaw| above this counts as a side-profile frame")
     max_side_profile_fraction: float = Field(0.2, description="above this fraction of side-profile frames: side_profile")
     max_multi_face_fraction: float = Field(0.2, description="above this fraction of sampled frames with 2+ faces: multi_speaker")
+    min_speech_fraction: float = Field(
+        0.3, ge=0, le=1, description="below this fraction of frames in Silero VAD speech segments: no_speech "
+        "(a talking head speaks most of the time; music, silence and room noise score near 0)")
+    max_audio_padded_fraction: float = Field(
+        0.1, ge=0, le=1, description="above this fraction of the piece's audio padded with silence because the "
+        "source's audio track ended early: audio_missing")
+    speech_activity: SpeechActivitySettings = SpeechActivitySettings()
+
+
+class RunLimits(_Section):
+    """When a run gives up: per-task time limits and the share of failed clips that fails the whole run."""
+
+    task_timeout_s: float = Field(
+        3600.0, gt=0, description="a stage task running longer is failed and its clip rejected 'timeout' (ffmpeg "
+        "calls have their own, tighter limits scaled to the media's duration)")
+    max_error_fraction: float = Field(
+        0.25, ge=0, le=1, description="a stage that fails ('error'/'timeout') on more than this share of the clips "
+        "it ran on fails the run: so many failures are not about the clips")
 
 
 class ShardSettings(_Section):
@@ -113,9 +163,10 @@ class ModelRefs(_Section):
     speech_emotion: ModelChoice = ModelChoice(model="superb/hubert-large-superb-er")
     valence_arousal: ModelChoice = ModelChoice(model="audeering/wav2vec2-large-robust-12-ft-emotion-msp-dim")
     wav2vec: ModelChoice = ModelChoice(model="facebook/wav2vec2-base-960h")
-    # The paper captions with VideoLLaMA2, which is not on PyPI and pins an old torch: it runs through its own
-    # API when the reference starts with "videollama2:" (installed in its own environment, see
-    # docs/visual_features.md). The default is a transformers-native vision-language model that installs here.
+    # The paper captions with VideoLLaMA2, which is not on PyPI and pins an old torch: with a reference
+    # "videollama2:<path or id>" it runs in its own environment as a Prefect deployment that the describe stage
+    # calls (flows/videollama2_service.py, docs/visual_features.md). The default is a transformers-native
+    # vision-language model that installs here.
     captioning: ModelChoice = ModelChoice(model="Qwen/Qwen2.5-VL-3B-Instruct", batch_size=1, dtype="bfloat16")
     # A diffusers Stable Diffusion 1.5 folder: text_encoder/ + tokenizer/ (descriptions), vae/ (latents).
     text_encoder: ModelChoice = ModelChoice(model="stable-diffusion-v1-5/stable-diffusion-v1-5", batch_size=16)
@@ -206,8 +257,10 @@ class PreprocessSettings(BaseModel):
     faces: FaceSettings = FaceSettings()
     filters: FilterSettings = FilterSettings()
     shards: ShardSettings = ShardSettings()
+    limits: RunLimits = RunLimits()
     audio: AudioSettings = AudioSettings()
     visual: VisualSettings = VisualSettings()
+    media: MediaTimeouts = MediaTimeouts()
     models: ModelRefs = ModelRefs()
 
 
@@ -232,7 +285,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                   "transcription": {"language": "en", "temperature_fallback": False,
                                     "condition_on_previous_text": False}},
         "models": {
-            "separation": {"model": f"{TINY_MODELS_DIR}/htdemucs"},
+            # a local Demucs repo folder; the reference names its bag, loaded by get_model(name, repo=folder)
+            "separation": {"model": f"{TINY_MODELS_DIR}/htdemucs/htdemucs.yaml"},
             "transcription": {"model": f"{TINY_MODELS_DIR}/whisper/tiny-random.pt"},
             "text_emotion": {"model": f"{TINY_MODELS_DIR}/text-emotion"},
             "speech_emotion": {"model": f"{TINY_MODELS_DIR}/speech-emotion"},
@@ -242,8 +296,9 @@ PROFILES: dict[str, dict[str, Any]] = {
             "text_encoder": {"model": f"{TINY_MODELS_DIR}/sd15"},
             "vae": {"model": f"{TINY_MODELS_DIR}/sd15"},
         },
-        # The tiny captioner sees 56x56 images: fewer, smaller frames keep the demo quick.
-        "visual": {"description": {"n_frames": 2, "frame_size": 128, "max_new_tokens": 16}},
+        # The tiny Qwen2.5-VL's pixel budget is 112x112 per image (16 vision tokens): frames are sampled at that
+        # size, so its processor does not resize them again; two frames and 16 new tokens keep the demo quick.
+        "visual": {"description": {"n_frames": 2, "frame_size": 112, "max_new_tokens": 16}},
     },
 }
 
@@ -258,10 +313,22 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_settings(profile: str = "default", overrides: dict[str, Any] | None = None) -> PreprocessSettings:
-    """Settings for a named profile, with per-run overrides applied on top (nested dicts merge)."""
+# What a dataset itself fixes, applied over the profile and under the run's overrides. HDTF and MEAD are English
+# recordings: Whisper is told so instead of guessing per clip (a wrong guess on a short or noisy clip gives a
+# transcript in another language, which the English text-emotion model then cannot score).
+DATASET_SETTINGS: dict[str, dict[str, Any]] = {
+    "hdtf": {"audio": {"transcription": {"language": "en"}}},
+    "mead": {"audio": {"transcription": {"language": "en"}}},
+}
+
+
+def load_settings(profile: str = "default", overrides: dict[str, Any] | None = None,
+                  dataset: str | None = None) -> PreprocessSettings:
+    """Settings for a named profile, then the dataset's own settings (``DATASET_SETTINGS``), then per-run
+    overrides on top (nested dicts merge)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown settings profile {profile!r}; choose one of {sorted(PROFILES)}")
     values = _deep_merge({"profile": profile}, PROFILES[profile])
+    values = _deep_merge(values, DATASET_SETTINGS.get(dataset or "", {}))
     values = _deep_merge(values, overrides or {})
     return PreprocessSettings.model_validate(values)

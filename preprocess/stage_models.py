@@ -10,13 +10,19 @@ A model reference (``ModelChoice.model``) is one of:
 - a Hugging Face hub id (text/speech emotion, valence-arousal, wav2vec), read from the local hub cache when
   ``HF_HUB_OFFLINE=1``;
 - a Demucs model name (``htdemucs``, ``htdemucs_ft``, ...) or an openai-whisper name (``tiny`` ... ``large-v3``),
-  read from (or, online, downloaded into) their usual caches;
-- for captioning, ``videollama2:<path or id>`` runs VideoLLaMA2 through its own API (``preprocess.describe``).
+  read from (or, online, downloaded into) their usual caches. A local Demucs model is named by the path of its
+  bag ``<name>.yaml`` (or of a single ``<sig>-<checksum>.th`` package) in a local model repo folder, and is
+  loaded by ``demucs.pretrained.get_model(name, repo=folder)`` as the named ones are; separation always gets a
+  ``BagOfModels``;
+- for captioning, ``videollama2:<path or id>`` runs VideoLLaMA2 in its own environment, behind a Prefect
+  deployment (``preprocess.describe_videollama2``).
 
 A model that cannot be found raises ``ModelNotFoundError`` naming the model, where it was looked for and how to
-get it. Whisper and Demucs runs hold ``LoadedModel.lock``: Whisper installs key/value-cache hooks on the shared
-module during decoding and Demucs bags move sub-models between devices, so neither is safe to run from two
-threads at once; the transformers models are (inference only, no state).
+get it. ``revision`` is passed to every transformers ``from_pretrained`` of a hub id; where it cannot be honoured
+(a local folder, Demucs and Whisper names, the wrappers that load without one) setting it raises ``ValueError``
+rather than being ignored. Whisper and Demucs runs hold ``LoadedModel.lock``: Whisper installs key/value-cache
+hooks on the shared module during decoding and Demucs bags move sub-models between devices, so neither is safe
+to run from two threads at once; the transformers models are (inference only, no state).
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ def load_model(kind: str, choice: ModelChoice) -> LoadedModel:
     """The loaded model for ``choice`` (see the module docstring); loads it on first use in this process."""
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; one of {KINDS}")
+    _check_revision(kind, choice)
     device = resolve_device(choice.device)
     dtype = resolve_dtype(choice.dtype, device)
     key = (kind, choice.model, choice.revision, str(device), str(dtype))
@@ -113,6 +120,30 @@ def load_model(kind: str, choice: ModelChoice) -> LoadedModel:
 def clear_cache() -> None:
     with _cache_lock:
         _cache.clear()
+
+
+# Loaders that cannot pin a hub revision, and why: a revision set for them is an error, never silently ignored.
+_NO_REVISION = {
+    "separation": "Demucs loads its models by name (demucs.pretrained.get_model takes no revision)",
+    "transcription": "openai-whisper downloads its checkpoints by name (whisper.load_model takes no revision)",
+}
+
+
+def _check_revision(kind: str, choice: ModelChoice) -> None:
+    """Raise ValueError when ``choice.revision`` is set but this loader cannot honour it."""
+    if choice.revision is None:
+        return
+    if kind in _NO_REVISION:
+        why = _NO_REVISION[kind]
+    elif choice.model.startswith(VIDEOLLAMA2_PREFIX):
+        why = "VideoLLaMA2 runs in its own environment, which loads the model it is given by path or id"
+    elif local_path(choice.model) is not None:
+        why = "a local folder has no revisions (transformers ignores revision= for one)"
+    else:
+        return
+    raise ValueError(f"settings models.{kind}.revision is {choice.revision!r} but cannot be honoured for "
+                     f"{choice.model!r}: {why}. Remove the revision (pin the model by its files instead: a local "
+                     "path, or a cache that holds only that version).")
 
 
 def _ensure_local(kind: str, path: Path, how: str) -> Path:
@@ -162,30 +193,98 @@ def _prepare(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
     return model.to(device=device, dtype=dtype).eval()
 
 
+def _demucs_local_name(path: Path) -> tuple[Path, str]:
+    """(repo folder, bag name or model signature) of a local Demucs reference, as get_model(name, repo) takes."""
+    if path.is_file() and path.suffix == ".yaml":
+        return path.parent, path.stem
+    if path.is_file() and path.suffix == ".th":  # demucs names a package <signature>-<sha256[:8]>.th
+        return path.parent, path.stem.rsplit("-", 1)[0]
+    bags = sorted(p.name for p in path.glob("*.yaml")) if path.is_dir() else []
+    raise ModelNotFoundError(
+        f"separation model {path} is not a Demucs bag (.yaml) or model package (.th): point settings "
+        f"models.separation.model at the bag file inside a local Demucs repo folder"
+        f"{' (this folder holds ' + ', '.join(bags) + ')' if bags else ''}.")
+
+
+def _check_demucs_packages(repo: Path, name: str) -> None:
+    """Refuse local Demucs packages that hold more than a model class, its arguments and tensors.
+
+    ``demucs.states.load_model`` unpickles ``.th`` packages with ``torch.load(weights_only=False)`` (a package
+    names its model class), which would run whatever code a crafted file carries. Each package the bag needs is
+    first read with torch's weights-only unpickler allowing only the Demucs model classes and ``Fraction`` (the
+    type of HTDemucs' ``segment``): a file that passes contains nothing else, so demucs' own load of it is safe.
+    """
+    from fractions import Fraction
+
+    import yaml
+    from demucs.demucs import Demucs
+    from demucs.hdemucs import HDemucs
+    from demucs.htdemucs import HTDemucs
+
+    bag = repo / f"{name}.yaml"
+    signatures = yaml.safe_load(bag.read_text()).get("models", []) if bag.is_file() else [name]
+    packages = {file.stem.rsplit("-", 1)[0]: file for file in repo.glob("*.th")}
+    for signature in signatures:
+        file = packages.get(signature)
+        if file is None:
+            continue  # get_model reports the missing model
+        try:
+            with torch.serialization.safe_globals([Demucs, HDemucs, HTDemucs, Fraction]):
+                torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ModelNotFoundError(
+                f"separation model package {file} cannot be read safely: it holds more than a Demucs model class, "
+                f"its arguments and tensors, so it is not unpickled. Re-save it as demucs' release format "
+                f"{{'klass', 'args', 'kwargs', 'state'}} ({type(error).__name__}: {str(error)[:300]})") from error
+
+
+def _demucs_not_found(name: str, error: Exception) -> ModelNotFoundError:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:
+        from demucs.hf import DEFAULT_NAMESPACE, hf_repo_name
+
+        namespace, short = name.split("/", 1) if "/" in name else (DEFAULT_NAMESPACE, name)
+        hub_repo = f" (repository {namespace}/{hf_repo_name(short)})"
+    except ImportError:  # demucs before 4.1 has no Hugging Face hub loader
+        hub_repo = ""
+    legacy = Path(torch.hub.get_dir()) / "checkpoints"
+    return ModelNotFoundError(
+        f"separation model {name!r} (Demucs) not found: demucs looked in the Hugging Face cache {HF_HUB_CACHE}"
+        f"{hub_repo}, then in {legacy} (its legacy download). Get it on a machine with network access with "
+        f"`python -c \"from demucs.pretrained import get_model; get_model('{name}')\"` and copy those caches (or "
+        f"set HF_HOME / TORCH_HOME), point settings models.separation.model at the bag .yaml of a local Demucs "
+        f"repo folder, or use profile 'tiny' ({type(error).__name__}: {str(error)[:200]})")
+
+
 def _load_separation(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Demucs through ``demucs.pretrained.get_model``, for a model name and for a local repo alike; always a
+    ``BagOfModels`` (a single model is bagged), whose ``sources``, ``samplerate`` and ``audio_channels`` the stage
+    reads and which ``demucs.apply.apply_model`` runs."""
+    from demucs.apply import BagOfModels
+    from demucs.pretrained import get_model
+    from demucs.repo import ModelLoadingError
+
     path = local_path(choice.model)
     if path is not None:
-        _ensure_local("separation", path, "Build tiny models with `python -m synchrorama.tiny_models DIR`.")
-        file = path / "model.pt" if path.is_dir() else path
-        package = torch.load(file, map_location="cpu", weights_only=True)
-        from demucs.htdemucs import HTDemucs
-
-        if package.get("class") != "HTDemucs":
-            raise ModelNotFoundError(f"separation model {file} is not a saved HTDemucs ({package.get('class')!r})")
-        model = HTDemucs(**package["kwargs"])
-        model.load_state_dict(package["state_dict"])
+        _ensure_local("separation", path, "Build tiny models with `python -m synchrorama.tiny_models DIR`, or "
+                                          "point it at the bag .yaml of a local Demucs repo folder.")
+        repo, name = _demucs_local_name(path)
+        _check_demucs_packages(repo, name)
+        try:
+            model = get_model(name, repo=repo)
+        except (ModelLoadingError, OSError, KeyError) as error:  # missing or corrupt package, bad checksum
+            raise ModelNotFoundError(
+                f"separation model {choice.model!r}: demucs could not load {name!r} from the local repo {repo} "
+                f"(bags are <name>.yaml listing model signatures, models <sig>-<sha256[:8]>.th packages) "
+                f"({type(error).__name__}: {str(error)[:300]})") from error
     else:
-        from demucs.pretrained import get_model
-
         try:
             model = get_model(choice.model)
         except Exception as error:  # demucs raises ValueError/URLError/ModelLoadingError depending on the case
-            hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
-            raise ModelNotFoundError(
-                f"separation model {choice.model!r} (Demucs) not found: looked in {hub_dir}. Get it on a machine "
-                f"with network access with `python -c \"from demucs.pretrained import get_model; "
-                f"get_model('{choice.model}')\"` and copy {hub_dir}, or use profile 'tiny' "
-                f"({type(error).__name__}: {str(error)[:200]})") from error
+            raise _demucs_not_found(choice.model, error) from error
+    if not isinstance(model, BagOfModels):
+        model = BagOfModels([model])
     # Demucs runs in float32: its STFT path does not take half precision.
     return LoadedModel("separation", choice.model, model.to(device).eval(), device, torch.float32)
 
@@ -258,15 +357,18 @@ def _wrapped(kind: str, choice: ModelChoice, build):
 
 
 def _load_captioning(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    from preprocess.describe import TransformersCaptioner, VideoLLaMA2Captioner
+    from preprocess.describe import TransformersCaptioner
 
     if choice.model.startswith(VIDEOLLAMA2_PREFIX):
-        reference = choice.model[len(VIDEOLLAMA2_PREFIX):]
-        model = _wrapped("captioning", choice, lambda: VideoLLaMA2Captioner(reference))
+        from preprocess.describe_videollama2 import VideoLLaMA2DeploymentCaptioner
+
+        # VideoLLaMA2 runs in its own environment behind a Prefect deployment, on the device its service picks:
+        # "loading" it here checks that the deployment is served (VideoLLaMA2ServiceError, a ModelNotFoundError).
+        model = VideoLLaMA2DeploymentCaptioner(choice.model[len(VIDEOLLAMA2_PREFIX):])
     else:
         source = _source("captioning", choice)
         model = _wrapped("captioning", choice, lambda: TransformersCaptioner(
-            source, device=str(device), dtype=str(dtype).removeprefix("torch.")))
+            source, revision=choice.revision, device=str(device), dtype=str(dtype).removeprefix("torch.")))
         model.name = choice.model  # the reference as configured, not the resolved folder
     return LoadedModel("captioning", choice.model, model, device, dtype)
 
@@ -275,7 +377,7 @@ def _load_text_encoder(choice: ModelChoice, device: torch.device, dtype: torch.d
     from preprocess.text_embedding import DescriptionEncoder
 
     source = _source("text_encoder", choice)
-    model = _wrapped("text_encoder", choice, lambda: DescriptionEncoder(source, device=str(device)))
+    model = _wrapped("text_encoder", choice, lambda: DescriptionEncoder(source, revision=choice.revision, device=str(device)))
     model.name = choice.model
     return LoadedModel("text_encoder", choice.model, model, device, torch.float32)
 
@@ -285,7 +387,7 @@ def _load_vae(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> 
 
     source = _source("vae", choice)
     model = _wrapped("vae", choice, lambda: FrameLatentEncoder(
-        source, device=str(device), dtype=str(dtype).removeprefix("torch."), batch_size=choice.batch_size))
+        source, revision=choice.revision, device=str(device), dtype=str(dtype).removeprefix("torch."), batch_size=choice.batch_size))
     model.name = choice.model
     return LoadedModel("vae", choice.model, model, device, dtype)
 

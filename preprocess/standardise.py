@@ -5,10 +5,18 @@ Video: the first real video stream (not cover art), deinterlaced where frames ar
 no audio track. Audio: first audio track, downmixed to mono, resampled to 16 kHz, loudness-normalised to
 -23 LUFS integrated (EBU R128 / ITU-R BS.1770-4, measured with pyloudnorm) with the peak kept under
 -1 dBFS, and trimmed or zero-padded to exactly ``n_frames * 640`` samples so that audio and video have the
-same duration. Both are cut by the same input seek and both are pinned to start at that seek point: a stream
+same duration (the padding, audio the source lacks, is counted in ``audio_padded_samples`` for the
+``audio_missing`` filter). Both are cut by the same input seek and both are pinned to start at that seek point: a stream
 that starts later in the source (an audio track with an offset, a video whose first frame comes late) is
 padded at the front (silence, the first frame repeated) and one that starts earlier is trimmed, so lip motion
 and speech stay aligned frame for frame. Gaps inside the audio are filled with silence for the same reason.
+
+Decode errors: this stage decodes the clip's whole range anyway, so it counts the error lines ffmpeg logs while
+doing it (probe decodes only near both ends of the file and cannot see damage in the middle). More than
+``max_decode_errors`` rejects the clip ``decode_errors`` (detail: the count and the first line); fewer keep it with
+the note ``decode_errors:<n>``. The encode has a time limit (``MediaTimeouts``, scaled to the clip's duration);
+past it ``FfmpegTimeout`` propagates (the clip fails with ``error`` for this run and is retried on the next one,
+since a slow machine is not a property of the clip).
 """
 
 from __future__ import annotations
@@ -20,9 +28,9 @@ import numpy as np
 import pyloudnorm
 import soundfile
 
-from preprocess.media import FfmpegError, count_video_frames, run_ffmpeg
+from preprocess.media import FfmpegError, FfmpegTimeout, count_video_frames, run_ffmpeg
 from preprocess.records import CropBox, Rejection
-from preprocess.settings import StandardiseSettings
+from preprocess.settings import MediaTimeouts, StandardiseSettings
 
 VIDEO_FILE = "clip.mp4"
 AUDIO_FILE = "clip.wav"
@@ -38,6 +46,7 @@ class StandardisedClip:
     sample_rate: int
     loudness_in_lufs: float | None  # None: silent or too short to measure
     gain_db: float
+    audio_padded_samples: int  # zeros appended at the end because the source's audio ended early (filter audio_missing)
     notes: tuple[str, ...]
 
     @property
@@ -46,7 +55,8 @@ class StandardisedClip:
 
 
 def standardise_clip(
-    source: str, start_s: float, duration_s: float, box: CropBox, settings: StandardiseSettings, out_dir: Path
+    source: str, start_s: float, duration_s: float, box: CropBox, settings: StandardiseSettings, out_dir: Path,
+    limits: MediaTimeouts | None = None,
 ) -> StandardisedClip | Rejection:
     video_path, raw_audio_path = out_dir / VIDEO_FILE, out_dir / "raw_audio.wav"
     video_filter = (
@@ -58,30 +68,46 @@ def standardise_clip(
         # No seek for a clip from the file's start: ffmpeg seeks on the video's key frames, and a picture that
         # starts late would drop the audio before it.
         seek = ["-ss", f"{start_s:.3f}"] if start_s > 0 else []
-        run_ffmpeg([
+        # no source path in the purpose: it ends up in the cached encode_failed detail, and cached outputs are
+        # shared by every path holding the same content
+        encode = run_ffmpeg([
             *seek, "-t", f"{duration_s:.3f}", "-i", source,
             "-map", "0:V:0", "-vf", video_filter, "-c:v", "libx264", "-preset", settings.preset,
             "-crf", str(settings.crf), "-an", "-movflags", "+faststart", str(video_path),
             "-map", "0:a:0", "-af", f"aresample={settings.sample_rate}:async=1:first_pts=0",
             "-ac", "1", "-ar", str(settings.sample_rate), "-c:a", "pcm_s16le",
             str(raw_audio_path),
-        ])
-        n_frames = count_video_frames(video_path)
+        ], purpose=f"standardising the clip from {start_s:.3f} s for {duration_s:.3f} s",
+            media_duration_s=duration_s, limits=limits)
+        n_frames = count_video_frames(video_path, limits=limits)
+    except FfmpegTimeout:
+        raise  # not the clip's fault as far as we know: fail this run's attempt, do not cache a rejection
     except FfmpegError as error:
         return Rejection("standardise", "encode_failed", str(error))
+    # with -v error every line ffmpeg logged is an error, and the encoder side does not log on success: these
+    # are the decoder's and demuxer's complaints about the source over the clip's whole range
+    decode_errors = encode.log_lines
+    if decode_errors > settings.max_decode_errors:
+        video_path.unlink(missing_ok=True)  # a rejection keeps no media in the cache
+        raw_audio_path.unlink(missing_ok=True)
+        return Rejection("standardise", "decode_errors",
+                         f"ffmpeg logged {decode_errors} decode errors over the clip (more than max_decode_errors="
+                         f"{settings.max_decode_errors}); first: {encode.first_line[:300]}")
+    error_notes = [f"decode_errors:{decode_errors}"] if decode_errors else []
     if n_frames == 0:
         return Rejection("standardise", "no_frames", "the cut produced no video frames")
 
     audio, sample_rate = soundfile.read(raw_audio_path, dtype="float32", always_2d=False)
     raw_audio_path.unlink()
     samples_per_frame = settings.sample_rate // settings.fps
+    padded_samples = max(0, n_frames * samples_per_frame - len(audio))
     audio, notes = _fit_length(audio, n_frames * samples_per_frame)
     audio, loudness_in, gain_db, loudness_notes = normalise_loudness(audio, sample_rate, settings)
     soundfile.write(out_dir / AUDIO_FILE, audio, sample_rate, subtype="PCM_16")
     return StandardisedClip(
         video=VIDEO_FILE, audio=AUDIO_FILE, n_frames=n_frames, fps=settings.fps, size=settings.size,
-        sample_rate=sample_rate, loudness_in_lufs=loudness_in, gain_db=gain_db,
-        notes=tuple(notes + loudness_notes),
+        sample_rate=sample_rate, loudness_in_lufs=loudness_in, gain_db=gain_db, audio_padded_samples=padded_samples,
+        notes=tuple(error_notes + notes + loudness_notes),
     )
 
 

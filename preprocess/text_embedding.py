@@ -13,12 +13,13 @@ MAX_TOKENS = 77
 
 
 class DescriptionEncoder:
-    def __init__(self, model_path: str, *, device: str = "cpu"):
+    def __init__(self, model_path: str, *, revision: str | None = None, device: str = "cpu"):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer")
-            self.model = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder").to(device).eval()
+            self.tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", revision=revision)
+            self.model = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", revision=revision)
+            self.model.to(device).eval()
         except OSError as error:
             raise FileNotFoundError(
                 f"CLIP text encoder not found under {model_path!r} (expected text_encoder/ and tokenizer/ "

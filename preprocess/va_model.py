@@ -2,12 +2,19 @@
 
 The checkpoint is a Wav2Vec2 backbone (wav2vec2-large-robust, pruned to 12 layers, fine-tuned on MSP-Podcast)
 with a small regression head that transformers does not ship; its model card defines the classes below and
-they are reproduced here (same parameter names, so ``EmotionModel.from_pretrained`` reads the checkpoint):
+they are reproduced here (same parameter names, so ``EmotionModel.from_pretrained`` reads the checkpoint; its
+config.json names the class audEERING trained with, ``Wav2Vec2ForSpeechClassification``, which nothing reads):
 
     hidden states (B, T, H) -> mean over T -> (B, H) -> dropout -> dense (H->H) -> tanh -> dropout
     -> out_proj (H->3) = arousal, dominance, valence, each roughly in [0, 1]
 
-Input: 16 kHz mono audio, normalised by the checkpoint's feature extractor (zero mean, unit variance).
+The backbone is the "large-robust" kind (``feat_extract_norm = "layer"``, ``do_stable_layer_norm``: layer norms
+in the convolutional encoder and before each transformer block), H = 1024; the tiny model of the tests is built
+from the same config.json with only sizes changed (``synchrorama/real_configs``).
+
+Input: 16 kHz mono audio, normalised by the checkpoint's feature extractor (zero mean, unit variance). Its
+``return_attention_mask`` is moot here: the mean over T has no mask (as in the model card), so inputs are never
+padded; ``preprocess.valence_arousal`` batches only windows of equal length.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ pip_install torch==2.13.0
 pip_install -c constraints.txt -e ".[dev]"
 # openai-whisper without triton (see pyproject.toml); its runtime dependencies come with the project
 pip_install --no-deps openai-whisper==20250625
-.venv/bin/python -c "import whisper, demucs, mediapipe, prefect" # fail here, not later, if anything is missing
+.venv/bin/python -c "import whisper, demucs, mediapipe, prefect, silero_vad" # fail here, not later, if anything is missing
 rm -f .venv/.installed-*
 touch "$stamp"
 echo "[install] done: $(.venv/bin/python -c 'import torch, mediapipe, prefect; print("torch", torch.__version__, "mediapipe", mediapipe.__version__, "prefect", prefect.__version__)')"

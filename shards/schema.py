@@ -67,7 +67,7 @@ EMOTION_ARRAYS: tuple[str, ...] = (
     "text_probs",  # (7,) anger, disgust, fear, joy, neutral, sadness, surprise
     "text_embedding",  # (D_t,) 768 for the default model
     "speech_probs",  # (C,) in the SER model's label order (default neu, hap, ang, sad)
-    "speech_embedding",  # (D_ser,) 1024 for the default model
+    "speech_embedding",  # (D_ser,) the SER classification head's input: 256 for the default model
     "va_values",  # (K, 3) valence, arousal, dominance per window (2 s, hop 1 s)
     "va_embedding",  # (K, D_va) 1024 for the default model
 )

@@ -74,6 +74,8 @@ CLIPS_SCHEMA = pa.schema([
     ("pitch_mean", pa.float64()),
     ("roll_mean", pa.float64()),
     ("side_profile_fraction", pa.float64()),
+    ("speech_fraction", pa.float64()),  # 0-1 of the piece's frames in Silero VAD speech segments (filter no_speech)
+    ("audio_padded_fraction", pa.float64()),  # 0-1 of its audio padded with silence: source audio ended early
     ("loudness_in_lufs", pa.float64()),
     ("gain_db", pa.float64()),
     ("shard", pa.string()),  # shard file holding the kept clip
@@ -84,6 +86,7 @@ CLIPS_SCHEMA = pa.schema([
     ("locate_s", pa.float64()),
     ("standardise_s", pa.float64()),
     ("faces_s", pa.float64()),
+    ("speech_activity_s", pa.float64()),  # Silero VAD over the whole standardised clip
     ("cut_s", pa.float64()),
     ("separate_s", pa.float64()),
     ("transcribe_s", pa.float64()),
@@ -96,8 +99,8 @@ CLIPS_SCHEMA = pa.schema([
     ("text_embedding_s", pa.float64()),
     ("latents_s", pa.float64()),
 ])
-TIMING_COLUMNS = ("probe_s", "locate_s", "standardise_s", "faces_s", "cut_s", "separate_s", "transcribe_s",
-                  "text_emotion_s", "speech_emotion_s", "valence_arousal_s", "wav2vec_s", "action_units_s",
+TIMING_COLUMNS = ("probe_s", "locate_s", "standardise_s", "faces_s", "speech_activity_s", "cut_s", "separate_s",
+                  "transcribe_s", "text_emotion_s", "speech_emotion_s", "valence_arousal_s", "wav2vec_s", "action_units_s",
                   "describe_s", "text_embedding_s", "latents_s")
 
 STAGE_TIMINGS_SCHEMA = pa.schema([
@@ -161,7 +164,7 @@ def speech_emotion_schema(labels: tuple[str, ...]) -> pa.Schema:
         ("status", pa.string()),  # ok / no_speech (probabilities null)
         *[(label, pa.float64()) for label in labels],
         ("top_class", pa.string()),
-        ("embedding", pa.list_(pa.float32())),  # mean-pooled last hidden state (1024 for HuBERT large)
+        ("embedding", pa.list_(pa.float32())),  # the classification head's input (256 for the default model)
         ("model", pa.string()),
     ])
 

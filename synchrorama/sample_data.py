@@ -8,7 +8,6 @@ the data exercises the pipeline, it is not training material.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -16,6 +15,8 @@ from typing import Literal
 import numpy as np
 from skimage import data as skimage_data
 from skimage.transform import resize
+
+from preprocess.media import feed_stdin, media_limits, run_tool
 
 Layout = Literal["single", "pair", "none"]
 
@@ -71,7 +72,10 @@ def render_frames(layout: Layout, width: int, height: int, n_frames: int, fps: f
 
 def speech_wav(path: Path, text: str = SPEECH_TEXT) -> Path:
     """Speech synthesised by espeak-ng (its own sample rate; later stages resample)."""
-    subprocess.run(["espeak-ng", "-s", "150", "-w", str(path), text], check=True, capture_output=True)
+    result = run_tool(["espeak-ng", "-s", "150", "-w", str(path), text], purpose=f"synthesising speech into {path}",
+                      timeout_s=media_limits().limit_s(None))
+    if result.returncode != 0:
+        raise RuntimeError(f"espeak-ng failed writing {path} (exit {result.returncode}): {result.log_tail()}")
     return path
 
 
@@ -93,15 +97,11 @@ def make_talking_video(
         command += ["-map", "0:v"] + (["-map", "1:a", "-c:a", "aac", "-b:a", "64k"] if audio != "none" else [])
         command += ["-c:v", "libx264", "-preset", "ultrafast", "-crf", "20", "-pix_fmt", "yuv420p",
                     "-t", f"{n_frames / fps:.3f}", str(path)]
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert process.stdin is not None
-        try:
+        # stderr is drained while the frames go in (a full stderr pipe would block ffmpeg, and us with it)
+        with feed_stdin(command, purpose=f"writing the generated video {path}",
+                        timeout_s=media_limits().limit_s(seconds)) as stdin:
             for frame in render_frames(layout, width, height, n_frames, fps, variant):
-                process.stdin.write(frame.tobytes())
-        finally:
-            process.stdin.close()
-        if process.wait() != 0:
-            raise RuntimeError(f"ffmpeg failed writing {path}: {process.stderr.read().decode()[-500:]}")
+                stdin.write(frame.tobytes())
     return path
 
 

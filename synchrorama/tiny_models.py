@@ -1,14 +1,27 @@
 """Tiny models of the very classes the pipeline loads, built offline (random, except the VAE).
 
-``build_tiny_models(directory)`` writes, under ``directory``:
+The audio models are built from copies of the default models' real configuration files
+(``synchrorama/real_configs/<name>/``, see ``synchrorama.real_configs``) with only size keys changed (widths,
+depths, head counts, vocabulary): same class, same flags (weighted layer sum, layer-norm feature encoder,
+feature-extractor normalisation and attention mask, label maps), and their processor files are the real ones,
+copied verbatim. ``build_tiny_models(directory)`` writes, under ``directory``:
 
-    htdemucs/model.pt            demucs HTDemucs (4 sources, vocals among them), {"class", "kwargs", "state_dict"}
-    whisper/tiny-random.pt       openai-whisper checkpoint {"dims", "model_state_dict"} (multilingual vocabulary)
-    text-emotion/                RobertaForSequenceClassification, 7 emotion labels, byte-level BPE tokenizer
-    speech-emotion/              HubertForSequenceClassification, labels neu/hap/ang/sad, feature extractor
-    valence-arousal/             preprocess.va_model.EmotionModel (Wav2Vec2 + regression head, 3 outputs)
-    wav2vec2/                    Wav2Vec2Model, feature extractor
-    captioner/                   LlavaForConditionalGeneration + LlavaProcessor (a transformers image-text model)
+    htdemucs/                    a local Demucs model repo, as ``demucs.pretrained.get_model(name, repo=...)``
+                                 reads it: htdemucs.yaml (the bag, like demucs' own) + one HTDemucs package
+                                 tinyhtdemucs-<sha256[:8]>.th {"klass", "args", "kwargs", "state" (fp16)}
+                                 (real: htdemucs / 955717e8)
+    whisper/tiny-random.pt       openai-whisper checkpoint {"dims", "model_state_dict"} (real: small; multilingual
+                                 vocabulary, 80 mel bins, 1500 audio positions)
+    text-emotion/                RobertaForSequenceClassification, 7 emotion labels; RobertaTokenizer from a
+                                 byte-level vocab.json (no merges) + the real tokenizer_config.json
+                                 (real: j-hartmann/emotion-english-distilroberta-base)
+    speech-emotion/              HubertForSequenceClassification with the weighted layer sum, labels
+                                 neu/hap/ang/sad (real: superb/hubert-large-superb-er)
+    valence-arousal/             preprocess.va_model.EmotionModel, layer-norm wav2vec 2.0 + regression head
+                                 (real: audeering/wav2vec2-large-robust-12-ft-emotion-msp-dim)
+    wav2vec2/                    a Wav2Vec2ForCTC checkpoint, which the stage loads as Wav2Vec2Model
+                                 (real: facebook/wav2vec2-base-960h)
+    captioner/                   Qwen2_5_VLForConditionalGeneration + Qwen2_5_VLProcessor (the default captioner, smaller)
     sd15/                        a Stable Diffusion 1.5 folder layout: tokenizer/ + text_encoder/ (CLIPTextModel)
                                  and vae/ (AutoencoderKL, trained for seconds on the project's own images so that
                                  its latents decode back to the frames)
@@ -32,32 +45,47 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-VERSION = 3  # bump when a tiny model changes: it is rebuilt, and the tiny profile's cache keys include it
+from synchrorama.real_configs import load_real_json, real_config_dir, with_sizes
+
+VERSION = 5  # bump when a tiny model changes: it is rebuilt, and the tiny profile's cache keys include it
 README = f"""Tiny RANDOM models (synchrorama.tiny_models, version {VERSION}).
-They have the classes and shapes of the real models but random weights: every number they produce
+They have the classes, flags and processor files of the real default models (built from copies of their
+configuration files with only sizes changed) but random weights: every number they produce
 (transcripts, emotions, valence/arousal, wav2vec features, descriptions, text embeddings) MEANS NOTHING;
 the tiny VAE only learned to reconstruct a few synthetic images. For tests and the offline demo only.
 """
 TEXT_EMOTION_LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 SPEECH_EMOTION_LABELS = ("neu", "hap", "ang", "sad")  # superb/hubert-large-superb-er's labels
-# The conv feature encoder of wav2vec 2.0 / HuBERT: 7 layers, total stride 320 (50 Hz at 16 kHz).
-CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
-CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
+
+# The real configuration files each audio model is built from (synchrorama/real_configs/<name>/).
+REAL_DEMUCS = "htdemucs"
+REAL_WHISPER = "whisper-small"
+REAL_TEXT_EMOTION = "emotion-english-distilroberta-base"
+REAL_SPEECH_EMOTION = "hubert-large-superb-er"
+REAL_VALENCE_AROUSAL = "wav2vec2-large-robust-12-ft-emotion-msp-dim"
+REAL_WAV2VEC = "wav2vec2-base-960h"
+
+# The only keys the tiny wav2vec 2.0 / HuBERT encoders change (all size keys): everything else, the 7-layer
+# convolutional feature encoder with its 320-sample stride included, is the real configuration.
+TINY_SPEECH_ENCODER_SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                             "intermediate_size": 64, "conv_dim": [16] * 7, "num_conv_pos_embeddings": 16,
+                             "num_conv_pos_embedding_groups": 4}
+# The SER embedding is the classification head's input (classifier_proj_size wide): 32 here, as the tiny training
+# model (model.config.tiny_config) expects.
+TINY_SPEECH_EMOTION_SIZES = {**TINY_SPEECH_ENCODER_SIZES, "classifier_proj_size": 32}
+TINY_VALENCE_AROUSAL_SIZES = {**TINY_SPEECH_ENCODER_SIZES, "classifier_proj_size": 32, "output_hidden_size": 32}
+TINY_TEXT_EMOTION_SIZES = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                           "intermediate_size": 64}
+# n_audio_ctx (1500: Whisper always pads to 30 s), n_mels and n_vocab (the multilingual tokenizer that ships with
+# the package) stay real; n_text_ctx is shorter so that a random decoder stops after 32 tokens per window.
+TINY_WHISPER_SIZES = {"n_audio_state": 32, "n_audio_head": 2, "n_audio_layer": 1, "n_text_state": 32,
+                      "n_text_head": 2, "n_text_layer": 1, "n_text_ctx": 64}
+# Channels 8 is the least the real dconv_comp (8) allows; the real dconv_mode (3: residual branches in encoder and
+# decoder), segment (7.8 s), nfft and depth stay, so apply_model splits audio as it does for the real model.
+TINY_DEMUCS_SIZES = {"channels": 8, "t_layers": 1, "t_heads": 2, "bottom_channels": 16}
+TINY_DEMUCS_SIGNATURE = "tinyhtdemucs"  # the real bag names 955717e8
 
 _build_lock = threading.Lock()
-
-
-def _tiny_wav2vec_config_kwargs() -> dict:
-    return dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                conv_dim=(16,) * 7, conv_kernel=CONV_KERNEL, conv_stride=CONV_STRIDE,
-                num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, vocab_size=32)
-
-
-def _feature_extractor():
-    from transformers import Wav2Vec2FeatureExtractor
-
-    return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                                    return_attention_mask=False)
 
 
 def _quiet() -> None:
@@ -66,17 +94,57 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _build_demucs(out: Path) -> None:
-    import torch
-    from demucs.htdemucs import HTDemucs
+def _copy_real_files(name: str, out: Path, files: tuple[str, ...]) -> None:
+    """The processor / tokenizer configuration files, verbatim: the tiny model is read exactly as the real one."""
+    source = real_config_dir(name)
+    for file in files:
+        shutil.copyfile(source / file, out / file)
 
+
+def decode_fractions(value):
+    """Demucs' JSON encoding of init arguments (as in its Hugging Face export): ``{"_type": "fraction",
+    "numerator": n, "denominator": d}`` is ``Fraction(n, d)`` (HTDemucs' ``segment``, in seconds)."""
+    from fractions import Fraction
+
+    if isinstance(value, dict):
+        if value.get("_type") == "fraction":
+            return Fraction(value["numerator"], value["denominator"])
+        return {key: decode_fractions(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [decode_fractions(item) for item in value]
+    return value
+
+
+def real_demucs_package() -> tuple[str, dict]:
+    """(class path, init kwargs) of the one model of the real ``htdemucs`` bag, from its real configuration."""
+    import yaml
+
+    bag = yaml.safe_load((real_config_dir(REAL_DEMUCS) / f"{REAL_DEMUCS}.yaml").read_text())
+    (signature,) = bag["models"]
+    package = load_real_json(REAL_DEMUCS, f"{signature}.json")
+    return package["klass"], decode_fractions(package["kwargs"])
+
+
+def _build_demucs(out: Path) -> None:
+    """A local Demucs repo: the bag yaml and one HTDemucs package, in demucs' own release format (what
+    ``tools/export.py`` writes: the class, its init kwargs and the fp16 state, file named ``<sig>-<sha256[:8]>.th``
+    by ``demucs.states.save_with_checksum``), so that ``get_model`` loads, checks and bags it as it does the real
+    model."""
+    import torch
+    import yaml
+    from demucs.htdemucs import HTDemucs
+    from demucs.states import get_state, save_with_checksum
+
+    klass, real_kwargs = real_demucs_package()
+    if klass != f"{HTDemucs.__module__}.{HTDemucs.__name__}":
+        raise ValueError(f"the real htdemucs configuration names {klass}, not HTDemucs")
     torch.manual_seed(0)
-    # dconv_mode=0 drops the residual dilated-conv branches: 10x faster on a CPU, same class and code path
-    kwargs = {"sources": ["drums", "bass", "other", "vocals"], "channels": 8, "depth": 4, "t_layers": 1,
-              "t_heads": 2, "segment": 4, "samplerate": 44100, "audio_channels": 2, "dconv_mode": 0}
+    kwargs = with_sizes(real_kwargs, TINY_DEMUCS_SIZES)
     model = HTDemucs(**kwargs)
     out.mkdir(parents=True)
-    torch.save({"class": "HTDemucs", "kwargs": kwargs, "state_dict": model.state_dict()}, out / "model.pt")
+    package = {"klass": HTDemucs, "args": [], "kwargs": kwargs, "state": get_state(model, None, half=True)}
+    save_with_checksum(package, out / f"{TINY_DEMUCS_SIGNATURE}.th")
+    (out / f"{REAL_DEMUCS}.yaml").write_text(yaml.safe_dump({"models": [TINY_DEMUCS_SIGNATURE]}))
 
 
 def _build_whisper(out: Path) -> None:
@@ -84,48 +152,34 @@ def _build_whisper(out: Path) -> None:
     from whisper.model import ModelDimensions, Whisper
 
     torch.manual_seed(0)
-    # n_audio_ctx must stay 1500 (Whisper always pads to 30 s = 3000 mel frames); the vocabulary must stay the
-    # multilingual one (51865) so that the bundled tokenizer and language detection work.
-    dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
-                           n_vocab=51865, n_text_ctx=64, n_text_state=32, n_text_head=2, n_text_layer=1)
+    dims = ModelDimensions(**with_sizes(load_real_json(REAL_WHISPER, "dims.json"), TINY_WHISPER_SIZES))
     model = Whisper(dims)
     out.mkdir(parents=True)
     torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, out / "tiny-random.pt")
 
 
 def _build_roberta_tokenizer(out: Path) -> None:
-    """A byte-level BPE tokenizer with no merges (one token per byte): RoBERTa's scheme, built without training
-    so that every build is identical."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """RoBERTa's byte-level BPE with a vocabulary of its specials and the 256 byte symbols and no merges (one token
+    per byte, identical in every build), in the real model's file layout: vocab.json + merges.txt, read through
+    the real tokenizer_config.json (RobertaTokenizer, add_prefix_space, trim_offsets, <mask> lstrip, 512)."""
+    from tokenizers import pre_tokenizers
 
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {token: index for index, token in enumerate(specials + alphabet)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.RobertaProcessing(("</s>", vocab["</s>"]), ("<s>", vocab["<s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", sep_token="</s>", cls_token="<s>", pad_token="<pad>",
-                                   mask_token="<mask>", model_max_length=512)
-    fast.save_pretrained(out)
+    # The real ids of the specials (<s> 0, <pad> 1, </s> 2, <unk> 3; <mask> is the last token, as in RoBERTa)
+    tokens = ["<s>", "<pad>", "</s>", "<unk>", *sorted(pre_tokenizers.ByteLevel.alphabet()), "<mask>"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(tokens)}))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    _copy_real_files(REAL_TEXT_EMOTION, out, ("tokenizer_config.json", "special_tokens_map.json"))
 
 
 def _build_text_emotion(out: Path) -> None:
     import torch
-    from transformers import RobertaConfig, RobertaForSequenceClassification
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
 
     torch.manual_seed(0)
     _build_roberta_tokenizer(out)
-    from transformers import AutoTokenizer
-
-    vocab_size = len(AutoTokenizer.from_pretrained(out))
-    config = RobertaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=514, pad_token_id=1, bos_token_id=0,
-                           eos_token_id=2, num_labels=len(TEXT_EMOTION_LABELS),
-                           id2label=dict(enumerate(TEXT_EMOTION_LABELS)),
-                           label2id={label: index for index, label in enumerate(TEXT_EMOTION_LABELS)})
+    sizes = {**TINY_TEXT_EMOTION_SIZES, "vocab_size": len(AutoTokenizer.from_pretrained(out))}
+    config = RobertaConfig.from_dict(with_sizes(load_real_json(REAL_TEXT_EMOTION), sizes))
     RobertaForSequenceClassification(config).save_pretrained(out)
 
 
@@ -134,33 +188,38 @@ def _build_speech_emotion(out: Path) -> None:
     from transformers import HubertConfig, HubertForSequenceClassification
 
     torch.manual_seed(1)
-    config = HubertConfig(**_tiny_wav2vec_config_kwargs(), classifier_proj_size=16,
-                          num_labels=len(SPEECH_EMOTION_LABELS), id2label=dict(enumerate(SPEECH_EMOTION_LABELS)),
-                          label2id={label: index for index, label in enumerate(SPEECH_EMOTION_LABELS)})
+    config = HubertConfig.from_dict(with_sizes(load_real_json(REAL_SPEECH_EMOTION), TINY_SPEECH_EMOTION_SIZES))
     HubertForSequenceClassification(config).save_pretrained(out)
-    _feature_extractor().save_pretrained(out)
+    _copy_real_files(REAL_SPEECH_EMOTION, out, ("preprocessor_config.json",))
 
 
 def _build_valence_arousal(out: Path) -> None:
     import torch
     from transformers import Wav2Vec2Config
 
-    from preprocess.va_model import OUTPUTS, EmotionModel
+    from preprocess.va_model import EmotionModel
 
     torch.manual_seed(2)
-    config = Wav2Vec2Config(**_tiny_wav2vec_config_kwargs(), num_labels=3, id2label=dict(enumerate(OUTPUTS)),
-                            label2id={label: index for index, label in enumerate(OUTPUTS)})
-    EmotionModel(config).save_pretrained(out)
-    _feature_extractor().save_pretrained(out)
+    real = load_real_json(REAL_VALENCE_AROUSAL)
+    model = EmotionModel(Wav2Vec2Config.from_dict(with_sizes(real, TINY_VALENCE_AROUSAL_SIZES)))
+    model.save_pretrained(out)
+    # save_pretrained writes the saving class (EmotionModel) as "architectures"; the real checkpoint names the class
+    # audEERING trained with. Nothing reads it (the stage loads EmotionModel), so the tiny config keeps the real one.
+    model.config.architectures = list(real["architectures"])
+    model.config.save_pretrained(out)
+    _copy_real_files(REAL_VALENCE_AROUSAL, out, ("preprocessor_config.json",))
 
 
 def _build_wav2vec(out: Path) -> None:
     import torch
-    from transformers import Wav2Vec2Config, Wav2Vec2Model
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
     torch.manual_seed(3)
-    Wav2Vec2Model(Wav2Vec2Config(**_tiny_wav2vec_config_kwargs())).save_pretrained(out)
-    _feature_extractor().save_pretrained(out)
+    # The real checkpoint is a CTC model (encoder + lm_head) that the stage loads as a bare Wav2Vec2Model: the tiny
+    # one is saved the same way, so the "wav2vec2." prefix handling and the dropped lm_head are exercised too.
+    config = Wav2Vec2Config.from_dict(with_sizes(load_real_json(REAL_WAV2VEC), TINY_SPEECH_ENCODER_SIZES))
+    Wav2Vec2ForCTC(config).save_pretrained(out)
+    _copy_real_files(REAL_WAV2VEC, out, ("preprocessor_config.json",))
 
 
 def _build_captioner(out: Path) -> None:

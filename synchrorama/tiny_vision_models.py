@@ -1,11 +1,35 @@
-"""Tiny models for the visual/semantic stages, of the same classes as the real ones, built locally and loaded
-back through the real loading code (``from_pretrained``): a LLaVA captioner and Stable Diffusion 1.5's CLIP text
-encoder (RANDOM: their outputs mean nothing) and SD 1.5's VAE (trained for seconds on the project's own
-synthetic images, so that latents decode back to frames). They let tests and the demo run offline."""
+"""Tiny models for the visual/semantic stages: the default models' real configuration files with only sizes changed.
+
+Each builder starts from the copies of the default model's real files in ``synchrorama/real_configs/`` and changes
+only size keys (``synchrorama.real_configs.with_sizes``): widths, depths, head counts, the vocabulary and the
+token ids that follow from it, the image processor's pixel budget. Class, processor class, activations, norms,
+chat template, generation settings and every other flag stay the real ones, and the files are written in the
+layout of the hub repositories, so loading a tiny model runs the code path that loading the real one runs:
+
+- ``build_tiny_captioner``: ``Qwen/Qwen2.5-VL-3B-Instruct`` (``Qwen2_5_VLForConditionalGeneration``,
+  ``Qwen2_5_VLProcessor`` with a ``Qwen2VLImageProcessor`` and a ``Qwen2Tokenizer``), 64 wide, 2 + 2 layers;
+- ``build_tiny_sd_text_encoder``: SD 1.5's ``text_encoder/`` (``CLIPTextModel``, quick_gelu) and ``tokenizer/``
+  (``CLIPTokenizer`` from ``vocab.json`` + ``merges.txt``, as in the hub repository), 32 wide;
+- ``build_tiny_sd_vae``: SD 1.5's ``vae/`` (``AutoencoderKL``), 16-32 channels wide, one resnet per block.
+
+The tokenizers are byte-level BPEs learned in milliseconds from a few caption sentences, laid out like the real
+vocabularies (byte alphabet first, merges next, special tokens last) so that special-token handling is the real
+one. The captioner and the text encoder are RANDOM: their outputs mean nothing. The VAE is trained for seconds on
+the project's own synthetic images, so that latents decode back to frames. They let tests and the demo run
+offline.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
+from typing import Any
+
+from synchrorama.real_configs import load_real_json, renumber_added_tokens, with_sizes
+
+QWEN_VL = "qwen2.5-vl-3b-instruct"  # synchrorama/real_configs/<name>
+SD15 = "stable-diffusion-v1-5"
 
 CAPTION_CORPUS = [
     "a woman wearing earrings is talking to the camera and turning her head",
@@ -13,89 +37,205 @@ CAPTION_CORPUS = [
     "a person in a suit looks at the camera, wearing a hat, with short hair",
 ]
 
+# The tiny Qwen2.5-VL. Text: 4 heads of 16 (the real model: 16 of 128), 2 key/value heads (grouped-query attention
+# as in the real 16/2), multimodal RoPE sections 2/3/3 of the 8 rotary frequency pairs (the real 16/24/24 of 64).
+CAPTIONER_TEXT_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "rope_scaling": {"mrope_section": [2, 3, 3]}}
+# Vision tower: block 1 uses full attention, block 0 windowed attention (the real 32 blocks: 7, 15, 23, 31 full).
+CAPTIONER_VISION_SIZES = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                          "out_hidden_size": 64, "fullatt_block_indexes": [1]}
+# Pixel budget: at most 112x112 per image (8x8 patches of 14 px, merged 2x2: 16 tokens), so a few frames cost
+# ~100 tokens; the real budget (12845056 px) would let a 512 px frame through at full size (~330 tokens).
+CAPTIONER_MAX_PIXELS = 112 * 112
+DECODER_WEIGHT_STD = 0.3  # see _widen_decoder_weights
+VOCAB_MULTIPLE = 128  # the real embedding has 151936 rows for 151665 tokens: padded up to a multiple of 128
 
-def _byte_level_tokenizer(special_tokens: list[str], vocab_size: int = 400):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CAPTION_CORPUS * 10, trainer)
-    return tokenizer
+def _bpe_merges(normalizer, pre_tokenizer, *, end_of_word_suffix: str = "") -> list[tuple[str, str]]:
+    """BPE merges learned from the caption corpus: the most frequent adjacent pair first (ties: the smaller pair),
+    until every word of the corpus is one token. Written out rather than ``tokenizers``' trainer, whose tie order
+    varies between runs: two builds must hold the same vocabulary."""
+    from collections import Counter
+
+    words = Counter(piece for sentence in CAPTION_CORPUS
+                    for piece, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(sentence)))
+    spelled = {word: [*word[:-1], word[-1] + end_of_word_suffix] for word in words}
+    merges = []
+    while True:
+        pairs = Counter()
+        for word, symbols in spelled.items():
+            for pair in zip(symbols, symbols[1:], strict=False):
+                pairs[pair] += words[word]
+        if not pairs:
+            return merges
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        for word, symbols in spelled.items():
+            merged, index = [], 0
+            while index < len(symbols):
+                if tuple(symbols[index:index + 2]) == best:
+                    merged.append(symbols[index] + symbols[index + 1])
+                    index += 2
+                else:
+                    merged.append(symbols[index])
+                    index += 1
+            spelled[word] = merged
+
+
+def _write_vocab(out: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    """``vocab.json`` and ``merges.txt`` in the GPT-2 / CLIP / Qwen file format."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges))
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 byte symbols in GPT-2's order (ids 0-255 of the real Qwen2 and CLIP vocabularies)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return list(bytes_to_unicode().values())
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def build_tiny_captioner(out: Path) -> None:
-    """LlavaForConditionalGeneration (CLIP vision tower + Llama text model) with its processor."""
-    import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
+    """``Qwen2_5_VLForConditionalGeneration`` and its processor files, as in the ``Qwen/Qwen2.5-VL-3B-Instruct`` repo.
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_byte_level_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"]),
-        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=56, patch_size=14, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
+    Writes ``config.json`` (the real one, sizes and token ids changed), ``generation_config.json`` (real, token
+    ids changed), ``preprocessor_config.json`` (real, ``max_pixels`` changed), ``tokenizer_config.json`` (real,
+    with its chat template; the added tokens renumbered after the tiny vocabulary), ``chat_template.json`` (real),
+    ``vocab.json`` + ``merges.txt`` + ``tokenizer.json`` (tiny byte-level BPE, Qwen2's pre-tokenizer) and the
+    random weights. About a second on a CPU.
+    """
+    import torch
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    out = Path(out)
+    # Vocabulary: Qwen2's own normaliser and pre-tokeniser (the ones Qwen2Tokenizer builds), real layout: bytes,
+    # merges, then the 22 added tokens (<|endoftext|>, <|im_start|>, ..., <|vision_start|>, <|image_pad|>, ...).
+    merges = _bpe_merges(normalizers.NFC(), pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+    vocab = {symbol: index for index, symbol in enumerate(_byte_alphabet())}
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    _write_vocab(out, vocab, merges)
+    _write_json(out / "tokenizer_config.json",
+                renumber_added_tokens(load_real_json(QWEN_VL, "tokenizer_config.json"), first_id=len(vocab)))
+    _write_json(out / "chat_template.json", load_real_json(QWEN_VL, "chat_template.json"))
+    tokenizer = AutoTokenizer.from_pretrained(out)  # Qwen2Tokenizer, built by its own code from these files
+    tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))  # the hub repository ships one too
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (
+        "<|endoftext|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+        "<|video_pad|>")}
+    if tokenizer.unk_token_id in ids.values() or len(set(ids.values())) != len(ids):
+        raise RuntimeError(f"tiny Qwen tokenizer lost a special token: {ids}")
+
+    sizes = {**CAPTIONER_TEXT_SIZES, "vision_config": CAPTIONER_VISION_SIZES,
+             "vocab_size": -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
+             "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+             "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"],
+             "vision_token_id": ids["<|vision_pad|>"], "image_token_id": ids["<|image_pad|>"],
+             "video_token_id": ids["<|video_pad|>"]}
+    config = with_sizes(load_real_json(QWEN_VL), sizes)
+    config["torch_dtype"] = "float32"  # what the tiny weights are stored in (a bookkeeping key, ignored in checks)
     torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(out)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                   vision_feature_select_strategy="default", image_token="<image>",
-                   num_additional_image_tokens=1).save_pretrained(out)
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**copy.deepcopy(config)))  # it edits nested dicts
+    _widen_decoder_weights(model)
+    model.save_pretrained(out)
+    # The files as the hub has them (save_pretrained wrote transformers' current layout, and a generation config
+    # derived from config.json instead of the model's own).
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", with_sizes(load_real_json(QWEN_VL, "generation_config.json"), {
+        "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}))
+    _write_json(out / "preprocessor_config.json",
+                with_sizes(load_real_json(QWEN_VL, "preprocessor_config.json"), {"max_pixels": CAPTIONER_MAX_PIXELS}))
+
+
+def _widen_decoder_weights(model, std: float = DECODER_WEIGHT_STD) -> None:
+    """Redraw the text decoder's linear weights with a larger spread (weights only: the config is untouched).
+
+    Drawn at the config's ``initializer_range`` (0.02), a tiny random model with tied embeddings echoes the last
+    prompt token ("\\n") whatever the frames are, since the residual stream is that token's embedding. At 0.3
+    the layers dominate, so the (meaningless) text depends on the frames and tests can see the images reach it.
+    """
+    import torch
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".language_model.layers." in f".{name}":
+                module.weight.normal_(0.0, std)
 
 
 def build_tiny_sd_text_encoder(out: Path, hidden_size: int = 32) -> None:
-    """``tokenizer/`` (CLIPTokenizer) and ``text_encoder/`` (CLIPTextModel), as in an SD 1.5 folder."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerFast
+    """``tokenizer/`` (CLIPTokenizer) and ``text_encoder/`` (CLIPTextModel), as in the SD 1.5 repository.
 
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Lowercase()
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    bpe.decoder = decoders.BPEDecoder(suffix="</w>")
-    bpe.train_from_iterator(CAPTION_CORPUS * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                                      end_of_word_suffix="</w>"))
-    start, end = bpe.token_to_id(specials[0]), bpe.token_to_id(specials[1])
-    bpe.post_processor = processors.TemplateProcessing(single=f"{specials[0]} $A {specials[1]}",
-                                                       special_tokens=[(specials[0], start), (specials[1], end)])
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=specials[0], eos_token=specials[1],
-                                      unk_token=specials[1], pad_token=specials[1], model_max_length=77)
-    wrapped.save_pretrained(out / "tokenizer")
-    CLIPTokenizer.from_pretrained(out / "tokenizer")  # fail at build time, not at use, if it does not load
+    ``tokenizer/`` holds the real ``tokenizer_config.json`` and ``special_tokens_map.json`` with a tiny
+    ``vocab.json`` + ``merges.txt`` in CLIP's layout (256 bytes, the same with ``</w>``, merges, then
+    ``<|startoftext|>`` and ``<|endoftext|>`` as the last two ids, as 49406 and 49407 are in the real one).
+    ``text_encoder/config.json`` is the real one with width, depth, heads and vocabulary changed; its token ids
+    (bos 0, eos 2, pad 1) stay the real ones, which keeps CLIP's legacy end-of-text lookup (the highest token id,
+    i.e. ``<|endoftext|>``) that SD 1.5's encoder uses.
+    """
+    import torch
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out)
+    # CLIPTokenizer's own normaliser and pre-tokeniser (what it builds from vocab.json + merges.txt)
+    merges = _bpe_merges(
+        normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]),
+        pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"""
+                                       r"""[\p{N}]|[^\s\p{L}\p{N}]+"""), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+        end_of_word_suffix="</w>")
+    alphabet = _byte_alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(alphabet + [symbol + "</w>" for symbol in alphabet])}
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    _write_vocab(out / "tokenizer", vocab, merges)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        _write_json(out / "tokenizer" / name, load_real_json(SD15, f"tokenizer/{name}"))
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")  # fail at build time, not at use
+    if tokenizer.eos_token_id != max(vocab.values()):
+        raise RuntimeError(f"tiny CLIP vocabulary: <|endoftext|> must be the highest id, got {tokenizer.eos_token_id}")
+
+    config = with_sizes(load_real_json(SD15, "text_encoder/config.json"), {
+        "hidden_size": hidden_size, "intermediate_size": 4 * hidden_size, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "vocab_size": len(vocab)})
     torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=bpe.get_vocab_size(), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                            bos_token_id=start, eos_token_id=end, pad_token_id=end)
-    CLIPTextModel(config).save_pretrained(out / "text_encoder")
+    CLIPTextModel(CLIPTextConfig.from_dict(config)).save_pretrained(out / "text_encoder")
+    _write_json(out / "text_encoder" / "config.json", config)  # the hub file, not transformers' current layout
 
 
 # The tiny VAE: SD's AutoencoderKL layout (four down blocks = 8x, 4 latent channels, mid-block attention), narrow.
 VAE_CHANNELS = (16, 32, 32, 32)
 VAE_NORM_GROUPS = 4  # at least 3 channels per group: a colour channel and its two constants (see _box_filter_init)
+VAE_LAYERS_PER_BLOCK = 1
 VAE_TRAIN_STEPS, VAE_CROP, VAE_BATCH, VAE_LR = 300, 64, 8, 1e-4
 _LATENT_GAIN = 5.0  # raw latent = 5 x mean colour, so scaled latents (x 0.18215) have about unit scale, as in SD
 _CONSTANT = 20.0  # the constant channels that carry colour through GroupNorm
 _SILU_LINEAR_AT = 10.0  # SiLU(x) ~ x within 0.1% around here
 
 
+def tiny_vae_config() -> dict[str, Any]:
+    """SD 1.5's real ``vae/config.json`` with the tiny widths, depth and norm groups."""
+    return with_sizes(load_real_json(SD15, "vae/config.json"), {
+        "block_out_channels": list(VAE_CHANNELS), "layers_per_block": VAE_LAYERS_PER_BLOCK,
+        "norm_num_groups": VAE_NORM_GROUPS})
+
+
 def build_tiny_sd_vae(out: Path) -> None:
-    """``vae/`` (AutoencoderKL of the SD 1.5 layout, 16-32 channels wide) that actually reconstructs.
+    """``vae/`` (AutoencoderKL from SD 1.5's real config, 16-32 channels wide) that actually reconstructs.
 
     Unlike the other tiny models it is trained, briefly: latents must decode back to frames close to the input
     for the tests to show that the latent cache is right. It starts as a box-filter autoencoder (latent = 5 x
@@ -105,23 +245,25 @@ def build_tiny_sd_vae(out: Path) -> None:
     ``make_talking_video`` encodes). On 512x512 frames of a generated talking video it reaches about 26 dB PSNR
     (random weights of the same config: about 11 dB). It has seen nothing but these synthetic images for seconds:
     its latents mean nothing beyond the tests. Run it in float32: in bfloat16 its large constant channels cost
-    precision (about 22 dB).
+    precision (about 22 dB). ``vae/config.json`` is written as the real file with the sizes changed (no
+    ``scaling_factor`` key: diffusers' default 0.18215 applies, as for the real SD 1.5 VAE).
     """
     import torch
     from diffusers import AutoencoderKL
 
+    out = Path(out)
+    config = tiny_vae_config()
     threads = torch.get_num_threads()
     torch.set_num_threads(min(threads, 2))  # with the fixed seeds: the same bytes on every build on a machine
     try:
         torch.manual_seed(0)
-        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            block_out_channels=VAE_CHANNELS, layers_per_block=1, latent_channels=4,
-                            norm_num_groups=VAE_NORM_GROUPS, sample_size=512, scaling_factor=0.18215)
+        vae = AutoencoderKL.from_config(config)
         _box_filter_init(vae)
         _fine_tune_vae(vae, _vae_training_images())
     finally:
         torch.set_num_threads(threads)
     vae.eval().save_pretrained(out / "vae")
+    _write_json(out / "vae" / "config.json", config)  # the hub file (save_pretrained spells out every default)
 
 
 def _vae_training_images() -> list:

@@ -1,5 +1,11 @@
 """Shared fixtures. Every test session gets its own PREFECT_HOME (Prefect keeps its database and results
-there) and runs offline."""
+there), runs offline, and talks to ONE Prefect server started for the whole session (``pytest_configure``).
+
+Without it, every flow called as a plain function starts Prefect's ephemeral server, whose 20 s start-up limit a
+busy 2-core machine exceeds (7 tests errored that way), and which can outlive pytest when pytest is killed. The
+session's server gets a generous start-up wait, runs in its own process group, and that group is killed when
+the session ends (also on Ctrl-C and on an exception), so no process of the suite is left behind.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +19,65 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+# Belt and braces: if anything still starts an ephemeral server, give it time on a busy machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
+
+import atexit  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 from synchrorama.sample_data import make_talking_video  # noqa: E402
+
+_session_server: subprocess.Popen | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop_session_server() -> None:
+    global _session_server
+    server, _session_server = _session_server, None
+    if server is None or server.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(server.pid, sig)  # the whole group: uvicorn and its workers too
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _stop_server_then_terminate(signum, frame) -> None:
+    _stop_session_server()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def pytest_configure(config):
+    """Start the session's Prefect server before any test module imports Prefect."""
+    global _session_server
+    if os.environ.get("PREFECT_API_URL") or _session_server is not None:
+        return  # the caller provides a server
+    from synchrorama.prefect_server import start_server
+
+    port = _free_port()
+    _session_server = start_server(Path(_prefect_home) / "server.log", port=port, timeout_s=600)
+    # At exit rather than in pytest_unconfigure: registered before Prefect is imported, it runs after Prefect's
+    # own exit hooks, which still send their last logs to the server.
+    atexit.register(_stop_session_server)
+    signal.signal(signal.SIGTERM, _stop_server_then_terminate)  # CI's outer `timeout` sends SIGTERM
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
 
 
 @pytest.fixture
@@ -44,13 +106,17 @@ def pair_video(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_feature_run(tmp_path_factory):
     """One preprocess run (tiny profile, optional VAE latents on) over a speaking and a silent clip, shared by
-    the audio and the visual feature tests: (raw_dir, out_dir, summary, overrides)."""
+    the audio and the visual feature tests: (raw_dir, out_dir, summary, overrides).
+
+    ``filters.min_speech_fraction`` is 0 here, so that the silent clip (Silero VAD: no speech) is kept and the audio
+    stages' handling of a clip without speech (flagged rows, no invented numbers) runs inside the flow; the
+    ``no_speech`` rejection itself is tested in test_speech_activity.py."""
     from flows.preprocess import preprocess
 
     raw = tmp_path_factory.mktemp("raw")
     make_talking_video(raw / "talk.mp4", seconds=4.0)
     make_talking_video(raw / "quiet.mp4", seconds=4.0, audio="silence")
     out = tmp_path_factory.mktemp("out")
-    overrides = {"visual": {"latents": {"enabled": True}}}
+    overrides = {"visual": {"latents": {"enabled": True}}, "filters": {"min_speech_fraction": 0.0}}
     summary = preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny", overrides=overrides)
     return raw, out, summary, overrides

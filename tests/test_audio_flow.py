@@ -1,5 +1,6 @@
 """The audio and emotion stages inside the preprocess flow (tiny profile): every kept clip gets its rows in the
-four audio tables and its features in the shard, silent clips are flagged, and a second run loads no model."""
+four audio tables and its features in the shard, silent clips are flagged, every clip's speech activity is in the
+clips table, and a second run loads no model."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ import torch
 from flows.preprocess import preprocess
 from model.emotion_embedding import EmotionFeatures
 from preprocess import stage_models
+from preprocess.preflight import active_models
+from preprocess.settings import load_settings
 from shards.reader import clip_dataset
 from shards.schema import EMOTION_ARRAYS, EMOTION_VALID_ARRAYS, OPTIONAL_MEMBERS, REQUIRED_MEMBERS
 from shards.tables import (
+    CLIPS_TABLE,
     SPEECH_EMOTION_TABLE,
     STAGE_TIMINGS_TABLE,
     TABLES_DIR,
@@ -67,6 +71,17 @@ def test_every_kept_clip_has_rows_in_every_audio_table(run):
     assert [row[0] for row in duckdb.sql(query).fetchall()] == ["talk"]
 
 
+def test_speech_activity_reaches_the_clips_table(run):
+    """Silero VAD's measure is recorded for every piece; the silent clip is kept only because this run sets
+    min_speech_fraction to 0 (see the tiny_feature_run fixture)."""
+    _, out, _, overrides = run
+    assert overrides["filters"]["min_speech_fraction"] == 0.0
+    clips = {row["clip_id"]: row for row in _rows(out, CLIPS_TABLE)}
+    assert clips["talk"]["speech_fraction"] > 0.7 and clips["quiet"]["speech_fraction"] == 0.0
+    assert clips["talk"]["audio_padded_fraction"] == clips["quiet"]["audio_padded_fraction"] == 0.0
+    assert all(row["speech_activity_s"] is not None for row in clips.values())
+
+
 def test_every_kept_clip_carries_its_audio_features_in_the_shard(run):
     _, out, _, _ = run
     assert validate_shards(out / "shards") == []
@@ -97,15 +112,18 @@ def test_every_kept_clip_carries_its_audio_features_in_the_shard(run):
     assert seen == set(KEPT)
 
 
-def test_second_run_loads_no_model_and_does_no_audio_work(run):
+def test_second_run_loads_each_model_once_and_does_no_audio_work(run):
     raw, out, _, overrides = run
     shards = {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")}
     stage_models.clear_cache()
     loads = dict(stage_models.load_count)
     preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny", overrides=overrides)
-    assert stage_models.load_count == loads
+    # the flow's preflight loads every active model once (a broken setup fails before any clip); no stage reloads
+    active = active_models(load_settings("tiny", overrides))
+    assert {kind: stage_models.load_count.get(kind, 0) - loads.get(kind, 0) for kind in stage_models.KINDS} == {
+        kind: int(kind in active) for kind in stage_models.KINDS}
     timings = _rows(out, STAGE_TIMINGS_TABLE)
-    assert {"separate", "transcribe", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec",
+    assert {"speech_activity", "separate", "transcribe", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec",
             "action_units", "describe", "text_embedding", "latents"} <= {row["stage"] for row in timings}
     assert all(row["cached"] for row in timings)
     assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")} == shards

@@ -13,10 +13,11 @@ import soundfile
 import torch
 
 from preprocess import stage_models
-from preprocess.pipeline import AUDIO_STAGES, PieceOutcome, Workspace, run_audio_stages
+from preprocess.pipeline import AUDIO_STAGES, ClipJob, PieceOutcome, Workspace, run_audio_stages
+from preprocess.records import Candidate
 from preprocess.settings import ModelChoice, load_settings
 from preprocess.stage_models import ModelNotFoundError, load_model
-from preprocess.standardise import AUDIO_FILE
+from preprocess.standardise import AUDIO_FILE, StandardisedClip
 from preprocess.text_emotion import TEXT_EMOTION_CLASSES
 from preprocess.valence_arousal import window_bounds
 from preprocess.wav2vec_features import features_to_frames
@@ -31,11 +32,18 @@ def _chord(n_samples: int, level: float = 0.1) -> np.ndarray:
 
 
 def _piece(root: Path, clip_id: str, audio: np.ndarray) -> PieceOutcome:
-    """A kept piece as filter-and-split leaves it, holding only what the audio stages read (clip.wav)."""
+    """A kept piece as filter-and-split leaves it, holding only what the audio stages read: its clip.wav, and the
+    source range that separation decodes (here an audio-only source equal to clip.wav, standardised at 0 dB)."""
     files = root / clip_id
     files.mkdir(parents=True)
     soundfile.write(files / AUDIO_FILE, audio, RATE, subtype="PCM_16")
-    return PieceOutcome(clip_id=clip_id, job=None, frames=(0, len(audio) // 640), files_dir=str(files),
+    source = root / f"{clip_id}.source.wav"
+    soundfile.write(source, audio, RATE, subtype="PCM_16")
+    n_frames = len(audio) // 640
+    clip = StandardisedClip(video="clip.mp4", audio=AUDIO_FILE, n_frames=n_frames, fps=FPS, size=512, sample_rate=RATE,
+                            loudness_in_lufs=None, gain_db=0.0, audio_padded_samples=0, notes=())
+    job = ClipJob(candidate=Candidate(clip_id, str(source), "test"), source_sha256=f"test-{clip_id}", standardised=clip)
+    return PieceOutcome(clip_id=clip_id, job=job, frames=(0, n_frames), files_dir=str(files),
                         content_key=f"test-{clip_id}")
 
 
@@ -104,6 +112,9 @@ def test_every_stage_gives_outputs_of_the_right_shape_and_type(processed):
         assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-5)
     assert sum(speech["speech_emotion"]["probabilities"]) == pytest.approx(1.0, abs=1e-5)
     assert speech["speech_emotion"]["labels"] == ["neu", "hap", "ang", "sad"]
+    # the SER embedding is the classification head's input (SUPERB: weighted layer sum -> projector -> mean)
+    ser = load_model("speech_emotion", load_settings("tiny").models.speech_emotion).model
+    assert speech["speech_emotion"]["embedding_dim"] == ser.config.classifier_proj_size == ser.classifier.in_features
     assert all(isinstance(w["valence"], float) for w in speech["valence_arousal"]["windows"])
 
 
@@ -192,6 +203,13 @@ def test_rerun_does_no_model_work(processed, pieces, tiny):
 def test_models_load_once_per_process(tiny):
     first = load_model("wav2vec", tiny.models.wav2vec)
     assert load_model("wav2vec", tiny.models.wav2vec) is first
+
+
+def test_separation_model_is_a_bag_as_get_model_returns(tiny):
+    from demucs.apply import BagOfModels
+
+    separation = load_model("separation", tiny.models.separation)
+    assert isinstance(separation.model, BagOfModels) and "vocals" in separation.model.sources
 
 
 def test_missing_model_gives_one_clear_error(tmp_path):

@@ -93,3 +93,22 @@ def test_failed_deployment_run_exits_nonzero_and_shows_the_reason(served, tmp_pa
     assert finished.returncode == 1
     assert "Failed" in finished.stdout
     assert "is not a directory" in " ".join(finished.stdout.split())  # rich wraps long lines
+
+
+def test_deployment_run_with_its_models_missing_exits_nonzero_naming_them(served, tmp_path):
+    """The default profile here, offline, has none of its real models: the run fails at its first task, before
+    any clip, and `--watch` exits 1 with the models named (no clip is rejected as `error` for it)."""
+    from preprocess.preflight import active_models
+    from preprocess.settings import load_settings
+
+    raw = tmp_path / "raw"
+    make_talking_video(raw / "host.mp4", layout="single", seconds=4.0)
+    out = tmp_path / "out"
+    env = {**served, "COLUMNS": "1000", "HF_HUB_OFFLINE": "1"}
+    finished = _run_deployment(env, "preprocess/folder", raw_dir=raw, out_dir=out, profile="default")
+    assert finished.returncode == 1, finished.stdout[-3000:]
+    shown = " ".join(finished.stdout.split())
+    assert "ModelSetupError" in shown and "cannot be loaded" in shown, shown[-3000:]
+    for choice in active_models(load_settings("default")).values():
+        assert choice.model in shown, (choice.model, shown[-3000:])
+    assert not (out / "tables").exists()

@@ -49,7 +49,9 @@ def test_every_kept_clip_has_one_description_with_its_prompt_and_model(tiny_feat
     rows = _rows(out, DESCRIPTIONS_TABLE)
     assert sorted(row["clip_id"] for row in rows) == sorted(KEPT)
     for row in rows:
-        assert isinstance(row["text"], str) and row["status"] == ("ok" if row["text"].strip() else "empty")
+        # the tiny Qwen2.5-VL writes (meaningless) text: its decoder weights are drawn wide so that it does not
+        # just echo the prompt's last token, a newline (which would leave an empty description)
+        assert isinstance(row["text"], str) and row["text"].strip() and row["status"] == "ok"
         assert row["prompt"] == DEFAULT_PROMPT
         assert row["model"] == ".models/tiny/captioner" and row["embedding_model"] == ".models/tiny/sd15"
         assert row["n_frames"] == load_settings("tiny").visual.description.n_frames
