@@ -11,6 +11,7 @@ training the true motion latents ``(B, M, 4, h, w)``. The audio becomes a per-fr
 * Prior: ``z_q ~ N(0, I)``, ``z_p = VPFlow(z_q | audio)``. Because the flow preserves volume,
   ``log p(z_p) = log N(VPFlow^{-1}(z_p); 0, I)`` with no log-det term.
 * Decoder: ``(z_p, audio, reference)`` -> motion latents, predicted as a residual on the reference latent.
+  Its output layer starts at zero, so an untrained A2M returns the reference latent for every motion frame.
 
 Training loss (``loss``): reconstruction MSE + ``kl_weight`` x single-sample KL(q(z_p|x) || p(z_p)).
 Deviation: the paper leaves the network bodies and conditioning unspecified; these are small 3-D conv nets.
@@ -46,6 +47,10 @@ class AudioToMotion(nn.Module):
         self.decoder_in = nn.Conv3d(z_channels, hidden, 3, padding=1)
         self.decoder_up = nn.ModuleList(nn.Conv3d(hidden, hidden, 3, padding=1) for _ in range(steps))
         self.decoder_out = nn.Conv3d(hidden, latent_channels, 3, padding=1)
+        # Zero output: an untrained A2M returns the reference latent for every motion frame (what Hallo feeds the
+        # first clip), never random noise; the decoder then learns a residual from there.
+        nn.init.zeros_(self.decoder_out.weight)
+        nn.init.zeros_(self.decoder_out.bias)
         self.flow = VPFlow(z_channels, hidden, hidden, flow_layers)
         self.z_channels, self.downsample = z_channels, downsample
 
@@ -86,11 +91,62 @@ class AudioToMotion(nn.Module):
 
     def sample(self, reference_latents, audio_features, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Motion latents ``(B, M, C, h, w)`` for the ``M`` frames whose audio is ``audio_features``."""
+        """Motion latents ``(B, M, C, h, w)`` for the ``M`` frames whose audio is ``audio_features``.
+
+        The noise is drawn on the reference's device, so ``generator`` must live there too
+        (``model.devices.device_generator``; ``None`` on ``meta``, which has no generators)."""
+        device = reference_latents.device
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"A2M samples on {device} but was given a generator on {generator.device}; "
+                             f"make it with model.devices.device_generator({str(device)!r}, seed)")
         cond = self.audio_condition(audio_features)
         b, m = audio_features.shape[:2]
         h, w = (n // self.downsample for n in reference_latents.shape[-2:])
         z_q = torch.randn((b, self.z_channels, m, h, w), generator=generator,
-                          device=reference_latents.device, dtype=reference_latents.dtype) * temperature
+                          device=device, dtype=reference_latents.dtype) * temperature
         z_p, _ = self.flow(z_q, cond)
         return self.decode(z_p, reference_latents, cond)
+
+
+A2M_PREFIX = "a2m."
+
+
+def load_trained_a2m(a2m: AudioToMotion, checkpoint: str, weights: str = "ema") -> dict[str, torch.Tensor]:
+    """Copy the A2M trained by an ``a2m`` run into ``a2m``, exactly (the recipe's step that puts it in the model).
+
+    ``checkpoint`` is that run's checkpoint folder (``.../checkpoints/step-NNNNNNN``); ``weights`` picks its
+    ``model.safetensors`` (``"model"``, the last optimizer step) or its EMA (``"ema"``, what its validation used;
+    the EMA holds every A2M parameter because the a2m stage trains them all). Strict: every A2M tensor must be
+    there with its shape. Returns the loaded tensors (``a2m.``-less names)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    if weights not in ("ema", "model"):
+        raise ValueError(f"init_a2m_weights must be 'ema' or 'model', got {weights!r}")
+    folder = Path(checkpoint)
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"init_a2m_from={checkpoint}: no model.safetensors there; pass the a2m run's "
+                                "checkpoint folder, e.g. /runs/a2m/checkpoints/step-0030000")
+    state = {k.removeprefix(A2M_PREFIX): v for k, v in load_file(str(folder / "model.safetensors")).items()
+             if k.startswith(A2M_PREFIX)}
+    if weights == "ema":
+        ema = {k.removeprefix(A2M_PREFIX): v for k, v in load_file(str(folder / "ema.safetensors")).items()
+               if k.startswith(A2M_PREFIX)}
+        if not ema:
+            raise ValueError(f"init_a2m_from={checkpoint}: its EMA holds no A2M weights, so it is not an a2m run's "
+                             "checkpoint; use the a2m run's folder or init_a2m_weights=model")
+        state.update(ema)
+    try:
+        a2m.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"init_a2m_from={checkpoint}: its A2M does not match this model's "
+                         f"(model size or A2M settings differ): {error}") from error
+    return state
+
+
+def is_untrained(a2m: AudioToMotion) -> bool:
+    """True while the output layer is still the zero initialisation: such an A2M returns the reference."""
+    if a2m.decoder_out.weight.is_meta:  # a model built on the meta device has no values to look at
+        return False
+    return not (a2m.decoder_out.weight.any() or a2m.decoder_out.bias.any())

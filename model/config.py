@@ -118,7 +118,12 @@ class TrainRecipe:
 
     ``prediction_type`` and the zero-terminal-SNR, trailing-spacing schedule are used identically for training
     and DDIM sampling (see ``model/schedule.py``). ``pixel_frames`` is how many predicted frames the pixel-space
-    losses decode per sample.
+    losses decode per sample: 9 at the full config, so eq. 2 sees ``9 - sync_window + 1 = 5`` sync windows (its
+    misalignment time is a soft-argmin over them; with one window it is a constant) and eq. 3 averages VA over
+    ``emo_window_frames``-frame windows at 50% overlap (4 windows of 4 frames every 2). Deviation: the paper's VA
+    windows are 2 s long, longer than a 14-frame clip; the per-frame VA targets are still interpolated from the
+    stored 2 s windows. ``pixel_loss_max_timestep``: only samples drawn at a timestep below it get pixel losses;
+    above it the predicted clean frame is mostly a guess from noise and the experts would score the guess.
     """
 
     batch_size: int = 4
@@ -129,7 +134,9 @@ class TrainRecipe:
     snr_gamma: float = 5.0
     sample_steps: int = 40
     guidance_scale: float = 3.5
-    pixel_frames: int = 5
+    pixel_frames: int = 9
+    emo_window_frames: int = 4
+    pixel_loss_max_timestep: int = 600
     stage1_losses: LossWeights = LossWeights()
     stage2_losses: LossWeights = LossWeights(sync=0.05, emo=0.05, au=0.05, attr_action=0.05)
 
@@ -206,7 +213,7 @@ def tiny_config() -> ModelConfig:
         expert_image_size=16,
         sync_window=3,
         sync_max_shift=1,
-        recipe=TrainRecipe(batch_size=2, sample_steps=3, pixel_frames=3),
+        recipe=TrainRecipe(batch_size=2, sample_steps=3, pixel_frames=4, emo_window_frames=2),
     )
 
 

@@ -13,6 +13,11 @@ New layers (motion modules, audio and emotion attention) start with zero output 
 the model equals the image UNet applied frame by frame. SD weights load by state-dict name
 (``load_image_unet_weights``); every missing key must belong to a new layer and nothing may be unexpected.
 
+Memory: ``unet.enable_gradient_checkpointing()`` in diffusers 0.42 checkpoints the resnets and spatial
+transformers (and the mid block's motion module) but not the down and up blocks' motion modules, whose
+activations over ``(B*H*W, F, C)`` tokens dominate stage 2 (about 55 GiB at 4 x (2+14) frames, 512x512; see
+docs/model.md, "Memory"). ``checkpoint_motion_modules`` makes those modules honour the same switch.
+
 Shapes: noisy ``(B, T, 4, h, w)``, motion ``(B, M, 4, h, w)``, description ``(B, 77, 768)``, audio and emotion
 tokens ``(B, M+T, N, 768)``; the prediction is ``(B, T, 4, h, w)`` (the motion frames' outputs are dropped).
 """
@@ -20,7 +25,9 @@ tokens ``(B, M+T, N, 768)``; the prediction is ``(B, T, 4, h, w)`` (the motion f
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from diffusers import UNet2DConditionModel, UNetMotionModel
+from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from einops import rearrange
 from torch import nn
 
@@ -65,12 +72,53 @@ def attention_path(processor_name: str) -> str:
     return processor_name.removesuffix(".processor")
 
 
+class CheckpointedMotionModule(AnimateDiffTransformer3D):
+    """diffusers' motion module that recomputes its activations in backward when ``gradient_checkpointing``
+    is set, which ``UNetMotionModel.enable_gradient_checkpointing()`` does for every module with that
+    attribute. Same parameters and state-dict names as ``AnimateDiffTransformer3D``.
+
+    Always non-reentrant (``use_reentrant=False``), the mode diffusers' own regions use by default: reentrant
+    checkpointing passes gradients only through tensor arguments that require grad, and in this UNet the
+    ReferenceNet features, audio and emotion tokens reach the layers through ``cross_attention_kwargs`` (a
+    side channel, not arguments), so a reentrant region would silently drop their gradients.
+    """
+
+    gradient_checkpointing = False
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(super().forward, hidden_states, *args, use_reentrant=False,
+                                                     **kwargs)
+        return super().forward(hidden_states, *args, **kwargs)
+
+
+def checkpoint_motion_modules(unet: UNetMotionModel) -> int:
+    """Turn the down and up blocks' motion modules into ``CheckpointedMotionModule``; returns how many.
+
+    The class is swapped in place (``__class__``), not wrapped, so parameter names, state dicts and
+    ``isinstance(m, AnimateDiffTransformer3D)`` stay exactly diffusers'. The mid block's motion modules are
+    left alone: its own ``gradient_checkpointing`` branch already checkpoints them, and a second, nested
+    region would recompute them twice in backward.
+    """
+    swapped = 0
+    for block in [*unet.down_blocks, *unet.up_blocks]:
+        for module in block.motion_modules:
+            if type(module) is not AnimateDiffTransformer3D:
+                raise TypeError(f"{type(module).__name__} in {type(block).__name__}.motion_modules: expected "
+                                f"diffusers' AnimateDiffTransformer3D; update checkpoint_motion_modules for this "
+                                f"diffusers version")
+            module.__class__ = CheckpointedMotionModule
+            swapped += 1
+    return swapped
+
+
 class DenoisingUNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.unet = UNetMotionModel(**motion_unet_config(cfg))
         zero_init_temporal_outputs(self.unet)
+        checkpoint_motion_modules(self.unet)  # inert until unet.enable_gradient_checkpointing()
         processors = dict(self.unet.attn_processors)  # temporal attention keeps diffusers' processor
         for name in processors:
             if ".motion_modules." in f".{name}":
@@ -111,6 +159,39 @@ class DenoisingUNet(nn.Module):
         if unexpected or missing_old:
             raise ValueError(f"not an SD-layout UNet: unexpected {unexpected[:5]}, missing {missing_old[:5]}")
         return list(result.missing_keys)
+
+    def load_motion_adapter(self, folder: str) -> None:
+        """Initialise the temporal layers from an AnimateDiff ``MotionAdapter`` saved in a local diffusers folder
+        (e.g. ``guoyww/animatediff-motion-adapter-v1-5-2``, made for SD 1.5: the same shapes as the full model).
+
+        Deviation: the paper does not say how its temporal layers start; Hallo starts them from AnimateDiff's
+        SD 1.5 motion module. With the adapter loaded the output projections are no longer zero, so step-0
+        equality with the image UNet no longer holds. Loaded with diffusers' own ``MotionAdapter.from_pretrained``
+        and ``UNetMotionModel.load_motion_modules`` (strict per block); the settings that do not show in tensor
+        shapes (attention heads, norm groups) are compared first, since a mismatch there would load silently."""
+        from diffusers import MotionAdapter
+
+        adapter = MotionAdapter.from_pretrained(folder)
+
+        def as_tuple(value, n):
+            return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+
+        ours, theirs = self.unet.config, adapter.config
+        n = len(ours.block_out_channels)
+        checks = {
+            "block_out_channels": (tuple(ours.block_out_channels), tuple(theirs.block_out_channels)),
+            "layers per block": (as_tuple(ours.layers_per_block, n), as_tuple(theirs.motion_layers_per_block, n)),
+            "attention heads": (as_tuple(ours.motion_num_attention_heads, n),
+                                as_tuple(theirs.motion_num_attention_heads, n)),
+            "norm groups": (ours.norm_num_groups, theirs.motion_norm_num_groups),
+            "max frames": (ours.motion_max_seq_length, theirs.motion_max_seq_length),
+            "motion mid block": (ours.use_motion_mid_block, theirs.use_motion_mid_block),
+        }
+        wrong = {name: pair for name, pair in checks.items() if pair[0] != pair[1]}
+        if wrong:
+            raise ValueError(f"motion_adapter={folder} does not fit this denoiser (ours, the adapter's): {wrong}; "
+                             "use an adapter made for this UNet (AnimateDiff's SD 1.5 adapters for the full model)")
+        self.unet.load_motion_modules(adapter)
 
 
 def _per_frame(tokens: torch.Tensor | None) -> torch.Tensor | None:

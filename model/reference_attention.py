@@ -47,7 +47,9 @@ class ReferenceReadProcessor:
         reference = reference.repeat_interleave(frames, dim=0)
         context = torch.cat([hidden_states, reference], dim=1)
         mask = None
-        if conditions.reference_keep is not None and not bool(conditions.reference_keep.all()):
+        # None means every sample keeps its reference (decided on the host, model/guidance.py): no mask, no
+        # device sync here, and the unmasked attention kernel
+        if conditions.reference_keep is not None:
             keep = conditions.reference_keep.repeat_interleave(frames).to(hidden_states.device)
             mask = torch.ones(hidden_states.shape[0], 1, 1, context.shape[1], dtype=torch.bool,
                               device=hidden_states.device)

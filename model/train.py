@@ -25,8 +25,11 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +44,13 @@ from model.audio_projection import resample_to_frames
 from model.batch import TrainingBatch
 from model.config import ModelConfig, config_for
 from model.denoising_unet import is_new_layer
+from model.devices import device_generator
 from model.emotion_embedding import EmotionFeatures
-from model.experts import LossExperts, load_expert_weights
+from model.experts import load_loss_experts
 from model.schedule import train_scheduler
 from model.synchrorama import SynchroRamaModel
 from model.train_config import TrainConfig, parse_config
-from model.training_step import training_losses
+from model.training_step import STEP_STATISTICS, StepOptions, training_losses
 from shards.training_loader import EMOTION_ARRAYS, TrainingWindows, WindowSpec, data_loader
 
 log = logging.getLogger("model.train")
@@ -67,10 +71,29 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
                                                  ("attr_action", cfg.loss_attr_action)) if value is not None}
     recipe = dataclasses.replace(recipe, batch_size=cfg.batch_size, learning_rate=cfg.lr,
                                  stage2_losses=dataclasses.replace(recipe.stage2_losses, **overrides))
+    if cfg.pixel_loss_max_timestep is not None:
+        recipe = dataclasses.replace(recipe, pixel_loss_max_timestep=cfg.pixel_loss_max_timestep)
     return dataclasses.replace(
         model_cfg, recipe=recipe,
         clip_frames=model_cfg.clip_frames if cfg.clip_frames is None else cfg.clip_frames,
         motion_frames=model_cfg.motion_frames if cfg.motion_frames is None else cfg.motion_frames)
+
+
+def frozen_encoders(cfg: TrainConfig, model_cfg: ModelConfig):
+    """The SD VAE and wav2vec2 of ``cfg`` (on the CPU). The tiny model's random stand-ins are drawn from the seed
+    alone, not from what the model's initialisation drew before, so ``synchrorama generate`` (model/generate.py)
+    rebuilds the very ones a run trained with from its checkpoint's config."""
+    if cfg.model_size == "tiny":
+        from model.tiny_components import tiny_audio_encoder, tiny_vae
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return tiny_vae(model_cfg), tiny_audio_encoder(model_cfg)
+    from diffusers import AutoencoderKL
+    from transformers import Wav2Vec2Model
+    if not cfg.vae or not cfg.wav2vec:
+        raise ValueError("the full model needs vae= and wav2vec= (local folders)")
+    return (AutoencoderKL.from_pretrained(cfg.vae).requires_grad_(False),
+            Wav2Vec2Model.from_pretrained(cfg.wav2vec).requires_grad_(False))
 
 
 def frozen_parts(cfg: TrainConfig, model_cfg: ModelConfig, device):
@@ -78,22 +101,12 @@ def frozen_parts(cfg: TrainConfig, model_cfg: ModelConfig, device):
 
     The tiny model uses random stand-ins (``model/tiny_components.py``), built from the run's seed so that every
     rank and every resumed run has the same ones."""
-    if cfg.model_size == "tiny":
-        from model.tiny_components import tiny_audio_encoder, tiny_vae
-        vae, audio_encoder = tiny_vae(model_cfg), tiny_audio_encoder(model_cfg)
-    else:
-        from diffusers import AutoencoderKL
-        from transformers import Wav2Vec2Model
-        if not cfg.vae or not cfg.wav2vec:
-            raise ValueError("the full model needs vae= and wav2vec= (local folders)")
-        vae = AutoencoderKL.from_pretrained(cfg.vae).requires_grad_(False)
-        audio_encoder = Wav2Vec2Model.from_pretrained(cfg.wav2vec).requires_grad_(False)
-    experts = LossExperts(model_cfg).requires_grad_(False)
-    if cfg.experts:
-        for name, module in experts.named_children():
-            load_expert_weights(module, str(Path(cfg.experts) / f"{name}.safetensors"))
-    elif cfg.stage == "stage2" and pixel_losses_on(model_cfg):
-        log.warning("stage 2 pixel losses are on but experts= is empty: the loss experts are untrained")
+    vae, audio_encoder = frozen_encoders(cfg, model_cfg)
+    # stage 2 refuses weighted pixel losses whose expert was never trained (model/experts.py, train-experts)
+    weights = model_cfg.recipe.stage2_losses if cfg.stage == "stage2" else model_cfg.recipe.stage1_losses
+    experts = load_loss_experts(model_cfg, weights, cfg.experts, allow_untrained=cfg.untrained_experts)
+    if cfg.untrained_experts and cfg.stage == "stage2" and pixel_losses_on(model_cfg):
+        log.warning("untrained_experts=true: stage 2's pixel losses score frames with random experts")
     return vae.eval().to(device), audio_encoder.eval().to(device), experts.eval().to(device)
 
 
@@ -119,13 +132,36 @@ def trainable_summary(model: SynchroRamaModel, stage: str) -> str:
 class Objective(nn.Module):
     """The model plus its frozen helpers, so that DDP sees the whole loss computation as one forward."""
 
-    def __init__(self, model, vae, experts, scheduler, stage):
+    def __init__(self, model, vae, experts, scheduler, stage, options: StepOptions | None = None):
         super().__init__()
         self.model, self.vae, self.experts = model, vae, experts
-        self.scheduler, self.stage = scheduler, stage
+        self.scheduler, self.stage, self.options = scheduler, stage, options
 
     def forward(self, batch: TrainingBatch, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return training_losses(self.model, batch, self.scheduler, self.stage, self.vae, self.experts, generator)
+        return training_losses(self.model, batch, self.scheduler, self.stage, self.vae, self.experts, generator,
+                               self.options)
+
+
+def initial_weights(model: SynchroRamaModel, cfg: TrainConfig, master: bool) -> None:
+    """The recipe's starting weights, in order: ``init_from`` (the previous stage's whole model), then
+    ``motion_adapter`` (AnimateDiff temporal layers), then ``init_a2m_from`` (the a2m run's A2M, copied exactly;
+    it stays frozen in stages 1 and 2, so every later checkpoint carries it bit for bit)."""
+    from model.a2m import is_untrained, load_trained_a2m
+
+    if cfg.init_from:
+        model.load_state_dict(load_file(str(Path(cfg.init_from) / "model.safetensors")))
+    if cfg.motion_adapter:
+        model.denoiser.load_motion_adapter(cfg.motion_adapter)
+        if master:
+            log.info(f"temporal layers initialised from the motion adapter {cfg.motion_adapter}")
+    if cfg.init_a2m_from:
+        load_trained_a2m(model.a2m, cfg.init_a2m_from, cfg.init_a2m_weights)
+        if master:
+            log.info(f"A2M: {cfg.init_a2m_weights} weights of {cfg.init_a2m_from}")
+    if cfg.stage != "a2m" and master and is_untrained(model.a2m):
+        log.warning("the A2M module is untrained (its output layer is still zero: it returns the reference as the "
+                    "first clip's motion frames); pass init_a2m_from=<the a2m run's checkpoint folder> so that this "
+                    "run's checkpoints hold the trained A2M")
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -250,7 +286,8 @@ def save_checkpoint(directory: Path, step: int, model, ema: dict, optimizer, sch
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, temp / "model.safetensors")
     save_file({k: v.contiguous().cpu() for k, v in ema.items()}, temp / "ema.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "rng": rng_states(), "data_positions": positions}, temp / "training_state.pt")
+                "rng": rng_states(), "data_positions": positions, "world_size": len(positions),
+                "num_workers": cfg.num_workers}, temp / "training_state.pt")
     (temp / "state.json").write_text(json.dumps({"step": step, "data_positions": positions,
                                                  "config": dataclasses.asdict(cfg)}, indent=1))
     write_samples(temp / "samples")
@@ -298,8 +335,11 @@ def video_config(cfg: TrainConfig, model_cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(model_cfg, clip_frames=base.clip_frames, motion_frames=base.motion_frames)
 
 
-def validation_inputs(cfg: TrainConfig, model_cfg: ModelConfig) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Fixed (reference image, audio) pairs: the first clips of the shards, unshuffled, same every time."""
+def validation_inputs(cfg: TrainConfig, model_cfg: ModelConfig) -> list[dict]:
+    """Fixed inputs: the first clips of the shards, unshuffled, same every time: reference image, audio and the
+    clip's stored emotion features and description embedding (None when the shard has none, or at other sizes).
+    The emotion's VA windows are placed as if the window started its clip (the sampler counts frames from the
+    audio's start), so they are off by the window's start in the clip."""
     if cfg.val_samples <= 0:
         return []
     frames = cfg.val_frames or 2 * video_config(cfg, model_cfg).clip_frames
@@ -308,7 +348,12 @@ def validation_inputs(cfg: TrainConfig, model_cfg: ModelConfig) -> list[tuple[np
     windows = TrainingWindows(cfg.shard_urls(), spec, batch_size=1, seed=cfg.seed, shuffle_buffer=0)
     inputs = []
     for batch in windows:
-        inputs.append((batch["reference"][0].permute(1, 2, 0).numpy(), batch["audio"][0].numpy()))
+        description = batch.get("description")
+        if description is not None and description.shape[-2:] != (model_cfg.data.text_tokens, model_cfg.data.text_dim):
+            description = None
+        inputs.append({"image": batch["reference"][0].permute(1, 2, 0).numpy(), "audio": batch["audio"][0].numpy(),
+                       "emotion": stored_emotion(batch, model_cfg) if "emotion.va_values" in batch else None,
+                       "description": description})
         if len(inputs) == cfg.val_samples:
             break
     return inputs
@@ -323,9 +368,120 @@ def validation_videos(model, vae, audio_encoder, inputs, steps: int, out: Path, 
     was_training = model.training
     pipeline = TalkingFacePipeline(model, vae, audio_encoder)
     pipeline.cfg = video_cfg  # clip and motion frames of the videos (the networks do not depend on them)
-    for i, (image, audio) in enumerate(inputs):
-        pipeline(image, audio, num_inference_steps=steps or None, seed=i).save(out / f"sample-{i}.mp4")
+    for i, sample in enumerate(inputs):
+        pipeline(sample["image"], sample["audio"], description_embedding=sample["description"],
+                 emotion=sample["emotion"], num_inference_steps=steps or None, seed=i).save(out / f"sample-{i}.mp4")
     model.train(was_training)
+
+
+# ------------------------------------------------------------------------------ collectives and FLOPs
+
+
+def collective(name: str, tensor: torch.Tensor, device: torch.device, **kwargs) -> torch.Tensor:
+    """``torch.distributed.<name>(tensor, **kwargs)``; every tensor collective of this file goes through here.
+
+    NCCL takes only tensors on this rank's GPU (a CPU tensor raises there, while gloo accepts anything), so the
+    tensor must be on the training ``device``: checked on every backend, so CPU runs catch what NCCL would."""
+    if tensor.device != device:
+        raise RuntimeError(f"torch.distributed.{name} was given a tensor on {tensor.device} but this rank trains "
+                           f"on {device}; NCCL accepts only tensors on the rank's GPU: create it with "
+                           f"device={str(device)!r}")
+    getattr(dist, name)(tensor, **kwargs)
+    return tensor
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value averaged over the ranks (for the log; the gradients already were), in one all-reduce."""
+    names = sorted(values)
+    stacked = torch.tensor([values[n] for n in names], dtype=torch.float64, device=device)
+    collective("all_reduce", stacked, device)
+    return {n: float(v) / dist.get_world_size() for n, v in zip(names, stacked.tolist(), strict=True)}
+
+
+def agree_on_step(step: int, device: torch.device) -> None:
+    """Raise unless every rank is at ``step``: a node that cannot see the checkpoint folder would otherwise
+    silently restart at step 0 (and on other data) while the others resume."""
+    bounds = collective("all_reduce", torch.tensor([step, -step], dtype=torch.int64, device=device), device,
+                        op=dist.ReduceOp.MAX).tolist()
+    if bounds[0] != -bounds[1]:
+        raise RuntimeError(f"ranks resume at different steps (from {-bounds[1]} to {bounds[0]}; this rank: {step}): "
+                           f"out/checkpoints must be one folder that every node sees (a shared filesystem), "
+                           f"or copy the same checkpoint to each node before restarting")
+
+
+def any_rank(flag: bool, device: torch.device, distributed: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (e.g. one rank got SIGTERM)."""
+    if not distributed:
+        return flag
+    return bool(collective("all_reduce", torch.tensor([int(flag)], device=device), device,
+                           op=dist.ReduceOp.MAX).item())
+
+
+def check_resume_layout(state: dict, saved_config: dict, world: int, num_workers: int, where: Path) -> None:
+    """The data positions of a checkpoint are per rank and per loader worker: resuming with another world size
+    or worker count would re-read or skip data, so both must match."""
+    saved_world = state.get("world_size", len(state["data_positions"]))
+    saved_workers = state.get("num_workers", saved_config.get("num_workers"))
+    if saved_world != world:
+        raise ValueError(f"{where} was written by {saved_world} rank(s), this run has {world}: resume with "
+                         f"--nproc_per_node/--nnodes giving {saved_world} ranks, or start a new out= folder")
+    if saved_workers is not None and saved_workers != num_workers:
+        raise ValueError(f"{where} was written with num_workers={saved_workers}, this run has {num_workers}: "
+                         f"set num_workers={saved_workers} to resume (data positions are per loader worker)")
+
+
+@contextlib.contextmanager
+def no_recomputation():
+    """While counting model FLOPs on a meta copy: each checkpointed region runs once, without saving for a
+    recomputation, so the count is the model's arithmetic, not this memory-saving implementation's."""
+    import torch.utils.checkpoint as checkpointing
+
+    original = checkpointing.checkpoint
+    checkpointing.checkpoint = lambda function, *args, use_reentrant=None, **kwargs: function(*args, **kwargs)
+    try:
+        yield
+    finally:
+        checkpointing.checkpoint = original
+
+
+def model_flops(model_cfg: ModelConfig, stage: str, batch: TrainingBatch, vae, experts,
+                options: StepOptions) -> float:
+    """FLOPs of one micro-step's forward + backward as the model needs them (MFU's numerator): counted on a
+    copy on the ``meta`` device (shapes only: no memory, no GPU time), without gradient checkpointing and its
+    recomputation, frozen parts included only where the step runs them (forward, and backward where a
+    gradient must pass through them)."""
+    meta = torch.device("meta")
+    with meta:
+        replica = SynchroRamaModel(model_cfg)
+        vae_copy = type(vae).from_config(vae.config).requires_grad_(False).eval()
+        experts_copy = type(experts)(model_cfg).requires_grad_(False).eval()
+    replica.set_stage(stage)
+    moved = {k: v.to(meta) for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
+    batch = TrainingBatch(**moved, emotion=EmotionFeatures(*(v.to(meta) for v in vars(batch.emotion).values())))
+    counter = FlopCounterMode(display=False)
+    with no_recomputation(), counter:
+        losses = training_losses(replica, batch, train_scheduler(model_cfg.recipe), stage, vae_copy, experts_copy,
+                                 None, options)
+        losses["total"].backward()
+    return float(counter.get_total_flops())
+
+
+class StopSignal:
+    """SIGTERM (a scheduler's preemption or time limit) asks the loop to save a checkpoint at the next step
+    boundary and return; the previous handler is restored by ``close``. Only the main thread can install it."""
+
+    def __init__(self):
+        self.received, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+        log.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
+
+    def close(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -345,7 +501,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if distributed:
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
-        dist.init_process_group(backend)
+        # validation videos and saving on rank 0 keep the other ranks waiting in a collective: the timeout
+        # (NCCL's default is 10 minutes) must outlast them
+        dist.init_process_group(backend, timeout=timedelta(minutes=cfg.dist_timeout_minutes))
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
     else:
@@ -365,8 +523,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model_cfg = model_config(cfg)
     model = SynchroRamaModel.from_image_unet(model_cfg, cfg.image_unet) if cfg.image_unet else SynchroRamaModel(model_cfg)
-    if cfg.init_from:
-        model.load_state_dict(load_file(str(Path(cfg.init_from) / "model.safetensors")))
+    initial_weights(model, cfg, master)
     vae, audio_encoder, experts = frozen_parts(cfg, model_cfg, device)
     trainable = model.set_stage(cfg.stage)
     trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -378,7 +535,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     model.to(device).train()
     if cfg.compile:
         model.denoiser.compile()
-    objective = Objective(model, vae, experts, train_scheduler(model_cfg.recipe), cfg.stage)
+    options = StepOptions(cfg.motion_from_a2m, cfg.motion_from_reference, cfg.unconditional_dropout)
+    objective = Objective(model, vae, experts, train_scheduler(model_cfg.recipe), cfg.stage, options)
     if distributed:
         objective = DistributedDataParallel(objective, device_ids=[local_rank] if cuda else None,
                                             broadcast_buffers=False)
@@ -400,13 +558,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         set_rng_states(state["rng"])
+        saved_config = json.loads((resume_from / "state.json").read_text()).get("config", {})
+        check_resume_layout(state, saved_config, world, cfg.num_workers, resume_from)
         positions = state["data_positions"][rank]
         if master:
             log.info(f"resumed from {resume_from} at step {step}")
 
+    if distributed:
+        agree_on_step(step, device)
+
     # Data: this rank's share of the shards; a resumed worker skips what it had consumed.
     spec = WindowSpec(cfg.stage, model_cfg.clip_frames, model_cfg.motion_frames, model_cfg.data.image_size,
-                      cfg.prefer_cached, model_cfg.data.latent_size)
+                      cfg.prefer_cached, model_cfg.data.latent_size, cfg.min_reference_distance)
     workers = max(1, cfg.num_workers)
     consumed = {int(w): p for w, p in positions.get("workers", {}).items()}
     batches_seen = positions.get("batches", 0)
@@ -443,7 +606,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(out / "tensorboard"))
     records = []
-    flops_per_step = None
+    flops_per_step = hardware_flops_per_step = None  # model FLOPs (MFU) and FLOPs executed (HFU), per step
+    stop = StopSignal()
     peak_tflops = cfg.gpu_peak_tflops or next((v for k, v in GPU_BF16_PEAK_TFLOPS.items()
                                                if cuda and k in torch.cuda.get_device_name(device)), 0.0)
     frames_per_sample = spec.frames
@@ -469,18 +633,19 @@ def train(cfg: TrainConfig) -> TrainResult:
             window_produce += float(raw.pop("produce_s"))
             with amp:
                 batch = training_batch(raw, cfg, model_cfg, vae, audio_encoder, device)
-            generator = torch.Generator().manual_seed(cfg.seed * 7919 + draw * 131 + micro * 17 + rank)
+            generator = device_generator(device, cfg.seed * 7919 + draw * 131 + micro * 17 + rank)
             last_micro = micro == cfg.grad_accum - 1
             sync = contextlib.nullcontext() if (not distributed or last_micro) else objective.no_sync()
             # FLOPs of one micro-step forward + backward, counted once; only for MFU, which needs a GPU's peak
-            counting = flops_per_step is None and micro == 0 and bool(peak_tflops)
+            counting = hardware_flops_per_step is None and micro == 0 and bool(peak_tflops)
             counter = FlopCounterMode(display=False) if counting else contextlib.nullcontext()
             with sync, counter:
                 with amp:
                     losses = objective(batch, generator)
                 (losses["total"] / cfg.grad_accum).backward()
-            if counting:
-                flops_per_step = counter.get_total_flops() * cfg.grad_accum
+            if counting:  # executed FLOPs include checkpointing's recomputation; the model's do not
+                hardware_flops_per_step = counter.get_total_flops() * cfg.grad_accum
+                flops_per_step = model_flops(model_cfg, cfg.stage, batch, vae, experts, options) * cfg.grad_accum
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
@@ -502,13 +667,10 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         if step % cfg.log_every == 0 or step == last_step:
             if distributed:  # losses averaged over ranks for the log (the gradients already were)
-                names = sorted(totals)
-                values = torch.tensor([totals[n] for n in names], dtype=torch.float64)
-                dist.all_reduce(values)
-                totals = {n: float(v) / world for n, v in zip(names, values, strict=True)}
+                totals = mean_over_ranks(totals, device)
             samples_per_s = window_samples * world / window_time
             record = {
-                "step": step, "stage": cfg.stage, **{f"loss/{k}": v for k, v in totals.items()},
+                "step": step, "stage": cfg.stage, **{k if k in STEP_STATISTICS else f"loss/{k}": v for k, v in totals.items()},
                 "grad_norm": grad_norm, "lr": lr,
                 "samples_per_s": samples_per_s, "frames_per_s": samples_per_s * frames_per_sample,
                 "data_wait_fraction": window_wait / window_time,
@@ -518,6 +680,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "mfu": (flops_per_step * window_samples / (cfg.batch_size * cfg.grad_accum) / window_time
                         / (peak_tflops * 1e12)) if peak_tflops and flops_per_step else None,
                 "tflops_per_step": flops_per_step / 1e12 if flops_per_step else None,
+                # executed FLOPs (with recomputation) over the peak: hardware FLOPs utilisation, not MFU
+                "hfu": (hardware_flops_per_step * window_samples / (cfg.batch_size * cfg.grad_accum) / window_time
+                        / (peak_tflops * 1e12)) if peak_tflops and hardware_flops_per_step else None,
+                "hardware_tflops_per_step": hardware_flops_per_step / 1e12 if hardware_flops_per_step else None,
             }
             records.append(record)
             window_time = window_wait = window_samples = window_produce = 0.0
@@ -532,9 +698,15 @@ def train(cfg: TrainConfig) -> TrainResult:
                 for key, value in record.items():
                     if isinstance(value, (int, float)) and key != "step":
                         writer.add_scalar(key, value, step)
-        if step % cfg.checkpoint_every == 0 or step == last_step:
+        stopping = any_rank(stop.received, device, distributed)  # every rank stops at the same step
+        if step % cfg.checkpoint_every == 0 or step == last_step or stopping:
             checkpoint()
+        if stopping:
+            if master:
+                log.info(f"stopped by SIGTERM after step {step}; the same command resumes from there")
+            break
 
+    stop.close()
     if writer is not None:
         writer.close()
     if distributed:

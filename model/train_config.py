@@ -33,6 +33,10 @@ class TrainConfig:
     num_workers: int = 4
     shuffle_buffer: int = 64
     prefer_cached: bool = True  # use latents.npy / wav2vec.npy when a clip has them
+    min_reference_distance: int = 1  # reference frame at least this many frames from the generated ones (0: any)
+    motion_from_a2m: float = 0.5  # stage 2: share of samples whose motion frames are A2M samples (paper sec. 6)
+    motion_from_reference: float = 0.1  # stage 2: share whose motion frames are the reference repeated
+    unconditional_dropout: float = 0.05  # drop audio, emotion and description together (the sampler's uncond.)
     overfit_batches: int = 0  # debugging: train on the first N batches over and over (0: off)
     # optimisation
     lr: float = 1e-5
@@ -51,6 +55,7 @@ class TrainConfig:
     loss_emo: float | None = None
     loss_au: float | None = None
     loss_attr_action: float | None = None
+    pixel_loss_max_timestep: int | None = None  # pixel losses only for samples below it; None: the recipe's (600)
     # precision and speed
     device: str = "auto"  # auto | cpu | cuda
     autocast: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
@@ -59,12 +64,17 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     backend: str = "auto"  # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     gpu_peak_tflops: float = 0.0  # bf16 dense peak for MFU; 0: look the GPU up
+    dist_timeout_minutes: float = 60.0  # process-group (NCCL) timeout: must outlast rank 0's validation and saving
     # pretrained parts (local diffusers/transformers folders; the tiny model needs none)
     image_unet: str = ""  # SD 1.5 folder: initialises ReferenceNet and denoiser
     vae: str = ""  # SD VAE folder (AutoencoderKL)
     wav2vec: str = ""  # wav2vec2-base folder
-    experts: str = ""  # folder of <expert>.safetensors for stage 2's pixel losses
+    experts: str = ""  # folder of <expert>.safetensors (synchrorama train-experts) for stage 2's pixel losses
+    untrained_experts: bool = False  # smoke runs only: allow weighted pixel losses without trained experts
     init_from: str = ""  # a checkpoint folder whose model.safetensors starts this stage (e.g. stage 1's)
+    init_a2m_from: str = ""  # the a2m run's checkpoint folder: its A2M is copied in exactly and stays frozen
+    init_a2m_weights: str = "ema"  # ema | model: which of that checkpoint's A2M weights to take
+    motion_adapter: str = ""  # AnimateDiff MotionAdapter folder (diffusers) initialising the temporal layers
     # logging, checkpoints, validation
     log_every: int = 10
     checkpoint_every: int = 1000

@@ -87,6 +87,10 @@ class WindowSpec:
     image_size: int = schema.FRAME_SIZE
     prefer_cached: bool = True
     latent_size: int = schema.FRAME_SIZE // 8  # cached latents of another size are ignored (pixels used instead)
+    # The reference frame is at least this many frames away from every frame the stage generates (the motion
+    # frames for a2m, the clip frames otherwise); 1 keeps it off the target itself (paper section 4: "one frame
+    # ... as the reference frame and another as the target frame"); 0 draws it anywhere (Hallo).
+    min_reference_distance: int = 0
 
     def __post_init__(self):
         if self.stage not in STAGE_NEEDS:
@@ -194,6 +198,21 @@ def _is_wanted(file_name: str, *, wanted: frozenset[str]) -> bool:
     return member.lower() in wanted
 
 
+def _reference_index(rng: random.Random, n_frames: int, start: int, spec: WindowSpec) -> int:
+    """A random frame at least ``spec.min_reference_distance`` frames from every generated frame of the window."""
+    gap = spec.min_reference_distance
+    if gap <= 0:
+        return rng.randrange(n_frames)
+    first = start if spec.stage == "a2m" else start + spec.motion_frames
+    last = first + (spec.motion_frames if spec.stage == "a2m" else spec.clip_frames) - 1
+    before, after = max(0, first - gap + 1), max(0, n_frames - (last + gap))  # frames [0, before), [last+gap, n)
+    if before + after == 0:
+        raise ClipDecodeError(f"{n_frames} frames leave no reference frame {gap} frames away from frames "
+                              f"{first}-{last}; lower min_reference_distance or use longer clips")
+    k = rng.randrange(before + after)
+    return k if k < before else last + gap + (k - before)
+
+
 def decode_window(sample: dict[str, Any], rng: random.Random, *, spec: WindowSpec) -> dict[str, Any]:
     """One raw WebDataset sample -> one window dict (unbatched shapes of the module docstring)."""
     meta = json.loads(sample[schema.META_MEMBER])
@@ -202,7 +221,7 @@ def decode_window(sample: dict[str, Any], rng: random.Random, *, spec: WindowSpe
     if n_frames < m + t:
         raise ClipDecodeError(f"{n_frames} frames, a window needs {m + t}")
     start = rng.randrange(n_frames - (m + t) + 1)
-    reference_index = rng.randrange(n_frames)
+    reference_index = _reference_index(rng, n_frames, start, spec)
     count = spec.frames
     window: dict[str, Any] = {"first_frame": torch.tensor(start)}
     # The stage's frames: the motion frames for a2m, motion + clip frames otherwise.

@@ -162,6 +162,51 @@ def train_command(ctx: typer.Context) -> None:
     main(list(ctx.args), prog="synchrorama train")
 
 
+@app.command("train-experts")
+def train_experts_command(
+    shards: str = typer.Option(..., help="preprocessing shards: a shard dir, a tar or a WebDataset spec"),
+    out: Path = typer.Option(..., help="folder for <expert>.safetensors + experts.json (stage 2's experts=)"),
+    model_size: str = typer.Option("tiny", help="the model config whose experts to train: tiny or full"),
+    sync_steps: int = typer.Option(2000, help="steps of the sync expert's contrastive training"),
+    regressor_steps: int = typer.Option(500, help="steps of each regressor (au, valence_arousal, description)"),
+    batch_size: int = typer.Option(16, help="sync spans / frames / windows per step"),
+    lr: float = typer.Option(1e-3, help="AdamW learning rate"),
+    shift_range: int = typer.Option(7, help="audio shifts (frames) the sync expert learns to reject and detects"),
+    heldout_fraction: float = typer.Option(0.2, help="fraction of clips held out for the scores"),
+    max_clips: int = typer.Option(2000, help="clips read into memory"),
+    wav2vec: str = typer.Option("", help="wav2vec2 folder for clips without wav2vec.npy"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    seed: int = typer.Option(0, help="seed of the split, batches and initial weights"),
+) -> None:
+    """Train stage 2's loss experts (sync on mouth crops vs shifted audio; AU, VA and description regressors) on
+    the shards, print their held-out scores and save them for `synchrorama train ... experts=OUT`."""
+    import logging
+
+    from model.train_experts import ExpertTrainingConfig, train_experts
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    report = train_experts(ExpertTrainingConfig(
+        shards=shards, out=str(out), model_size=model_size, sync_steps=sync_steps, regressor_steps=regressor_steps,
+        batch_size=batch_size, lr=lr, shift_range=shift_range, heldout_fraction=heldout_fraction,
+        max_clips=max_clips, wav2vec=wav2vec, device=device, seed=seed))
+    console.print_json(data={"trained": report.trained, "skipped": report.skipped})
+    console.print(f"experts in [bold]{out}[/bold] (scores in {out / 'experts.json'})")
+
+
+@app.command("generate", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                          "help_option_names": []}, add_help_option=False)
+def generate_command(ctx: typer.Context) -> None:
+    """Reference image + driving audio (+ description) -> talking-face mp4 with the audio, from a training
+    checkpoint; `synchrorama generate --help` lists the options."""
+    from model.generate import GenerateError, main
+
+    try:
+        main(list(ctx.args), prog="synchrorama generate")
+    except GenerateError as error:
+        console.print(f"[red]generate: {error}[/red]")
+        raise typer.Exit(2) from None
+
+
 @app.command("build-tiny-models")
 def build_tiny_models_command(
     out: Path = typer.Argument(None, help="where to build them (default: the tiny profile's .models/tiny)"),
