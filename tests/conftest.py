@@ -81,6 +81,17 @@ def pytest_configure(config):
 
 
 @pytest.fixture
+def two_torch_threads():
+    """Training tests run on both cores (the tiny UNet is big enough to gain); restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def one_torch_thread():
     """Small models run fastest, and timings stay steady, on one intra-op thread; restored afterwards."""
     import torch

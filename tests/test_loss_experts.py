@@ -122,11 +122,8 @@ def talking_shards(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+def _both_cores(two_torch_threads):
     yield
-    torch.set_num_threads(threads)
 
 
 def test_mouth_box_follows_the_stored_lip_landmarks():

@@ -29,11 +29,8 @@ def shard_dir(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+def _both_cores(two_torch_threads):
     yield
-    torch.set_num_threads(threads)
 
 
 def _run(shards, out, *overrides):
