@@ -8,7 +8,9 @@ Settings are ``model/train_config.py``; data is ``shards/training_loader.py``; l
 on the last one), bf16 autocast over fp32 master weights, gradient clipping, AdamW (fused on CUDA), warmup +
 cosine learning rate, EMA of the trained weights. Checkpoints (``out/checkpoints/step-NNNNNNN/``) hold the
 weights and the EMA as safetensors plus optimizer, scheduler, step, RNG states and each rank's data position,
-and are renamed into place only when complete; a restarted run continues from ``checkpoints/latest`` and
+and are renamed into place only when complete, with a sha256 manifest of their files written last (checked on
+resume; ``training_state.pt`` loads with ``weights_only=True``); a non-finite loss stops the run before the
+update. A restarted run continues from ``checkpoints/latest`` and
 produces exactly the losses it would have produced without the stop (on CPU; cuDNN/cuBLAS kernels may
 differ in the last bits on GPU). Validation videos from fixed inputs, made with the EMA weights, are saved
 inside each checkpoint. Logs: ``log.jsonl`` and TensorBoard under ``out/``.
@@ -18,11 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -261,8 +265,25 @@ def stored_emotion(raw: dict, model_cfg: ModelConfig) -> EmotionFeatures | None:
 # ------------------------------------------------------------------------------ checkpoints and EMA
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted: unsafe to unpickle, incomplete, or with bytes that changed."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient norm that is NaN or infinite: training stops before the update and before saving."""
+
+
+MANIFEST = "manifest.json"  # sha256 of every other file of a checkpoint, written last
+
+
 def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG state as tensors and plain types, so ``training_state.pt`` loads with ``weights_only=True``
+    (numpy's own state is a tuple holding an ndarray, which the safe unpickler refuses)."""
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(),
+              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
+                        float(cached_gauss)],
+              "python": random.getstate()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -270,15 +291,111 @@ def rng_states() -> dict:
 
 def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+    kind, keys, position, has_gauss, cached_gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder (its entries: a rename is durable only once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the sha256 and size of every file of ``folder`` in ``manifest.json``, fsyncing each file first;
+    the manifest itself goes in by an atomic rename, so its presence means the checkpoint is complete."""
+    files = {}
+    for path in _checkpoint_files(folder):
+        _fsync(path)
+        files[path.relative_to(folder).as_posix()] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+    temp = folder / f".{MANIFEST}.tmp"
+    temp.write_text(json.dumps({"format": 1, "files": files}, indent=1))
+    _fsync(temp)
+    os.replace(temp, folder / MANIFEST)
+    for sub in {folder, *(p.parent for p in _checkpoint_files(folder))}:
+        _fsync(sub)
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Refuse a checkpoint without a manifest, or whose files are missing, unlisted, resized or changed."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(
+            f"{folder} has no {MANIFEST}: its save was interrupted, or an older model/train.py wrote it. If you "
+            f"trust its files, re-save it with `python -c \"from model.train import reseal_checkpoint; "
+            f"reseal_checkpoint('{folder}')\"`, or delete it to resume from an older checkpoint")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{manifest} is not a checkpoint manifest ({error}); delete {folder} to resume "
+                              "from an older checkpoint") from error
+    for name, entry in files.items():
+        path = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():
+            raise CheckpointError(f"{path}: listed in {manifest} but missing (or outside the checkpoint); "
+                                  f"delete {folder} to resume from an older checkpoint")
+        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"{path} does not match the sha256 in {manifest}: the file changed after it "
+                                  f"was saved (disk or copy corruption, or an edit); delete {folder} to resume "
+                                  "from an older checkpoint")
+    unlisted = sorted(p.relative_to(folder).as_posix() for p in _checkpoint_files(folder)
+                      if p.relative_to(folder).as_posix() not in files)
+    if unlisted:
+        raise CheckpointError(f"{folder} holds files its {MANIFEST} does not list: {unlisted}")
+
+
+def load_training_state(folder: Path) -> dict:
+    """``training_state.pt`` through the safe unpickler: tensors, containers and plain types only, so a doctored
+    file that names e.g. ``os.system`` is refused without running anything."""
+    path = folder / "training_state.pt"
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain types, which are not loaded "
+                              f"(they could run code): {str(error).splitlines()[0]}") from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path} cannot be read ({error}); delete {folder} to resume from an older "
+                              "checkpoint") from error
+
+
+def reseal_checkpoint(folder: str | Path) -> None:
+    """Re-save a TRUSTED checkpoint written before manifests: its RNG states in the safe format, then a manifest.
+    This unpickles the old ``training_state.pt`` fully (it may run code): only for files you wrote yourself."""
+    folder = Path(folder)
+    state = torch.load(folder / "training_state.pt", weights_only=False)
+    rng = state.get("rng", {})
+    if isinstance(rng.get("numpy"), tuple):
+        kind, keys, position, has_gauss, cached_gauss = rng["numpy"]
+        rng["numpy"] = [kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(position), int(has_gauss),
+                        float(cached_gauss)]
+    temp = folder / ".training_state.pt.tmp"
+    torch.save(state, temp)
+    os.replace(temp, folder / "training_state.pt")
+    write_manifest(folder)
+
+
 def save_checkpoint(directory: Path, step: int, model, ema: dict, optimizer, scheduler, positions: list,
                     cfg: TrainConfig, write_samples) -> Path:
-    """Write ``directory/step-NNNNNNN`` under a temp name, then rename it and point ``latest`` at it."""
+    """Write ``directory/step-NNNNNNN`` under a temp name with ``manifest.json`` last (every file fsynced and
+    hashed), then rename it and point ``latest`` at it."""
     final = directory / f"step-{step:07d}"
     temp = directory / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
@@ -291,11 +408,15 @@ def save_checkpoint(directory: Path, step: int, model, ema: dict, optimizer, sch
     (temp / "state.json").write_text(json.dumps({"step": step, "data_positions": positions,
                                                  "config": dataclasses.asdict(cfg)}, indent=1))
     write_samples(temp / "samples")
+    write_manifest(temp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(temp, final)
+    _fsync(directory)
     latest = directory / ".latest.tmp"
     latest.write_text(final.name)
+    _fsync(latest)
     os.replace(latest, directory / "latest")
+    _fsync(directory)
     kept = sorted(p for p in directory.glob("step-*") if p.is_dir())
     for old in kept[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -303,8 +424,25 @@ def save_checkpoint(directory: Path, step: int, model, ema: dict, optimizer, sch
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint: the one ``latest`` names (only a ``step-NNNNNNN`` folder inside
+    ``directory``), else the newest older one; a folder without ``manifest.json`` (an interrupted save) is skipped
+    with a warning. Raises when there are checkpoints but none is complete, rather than restarting at step 0."""
     pointer = directory / "latest"
-    return directory / pointer.read_text().strip() if pointer.exists() else None
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    folders = sorted((p for p in directory.glob("step-*") if p.is_dir()), reverse=True)
+    if named is not None and named not in {p.name for p in folders}:
+        log.warning("%s names %r, which is not a checkpoint folder in %s: using the newest complete one",
+                    pointer, named, directory)
+    else:
+        folders.sort(key=lambda p: p.name != named)  # the named one first, then newest to oldest
+    for folder in folders:
+        if (folder / MANIFEST).is_file():
+            return folder
+        log.warning("skipping %s: no %s (an interrupted save, or written by an older model/train.py)",
+                    folder, MANIFEST)
+    if folders:
+        verify_checkpoint(folders[0])  # raises, saying how to re-save a trusted old checkpoint
+    return None
 
 
 @contextlib.contextmanager
@@ -551,9 +689,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     step, positions = 0, {}
     resume_from = latest_checkpoint(checkpoints) if cfg.resume else None
     if resume_from is not None:
+        verify_checkpoint(resume_from)  # every file against its sha256 before any byte of it is used
+        state = load_training_state(resume_from)
         model.load_state_dict(load_file(str(resume_from / "model.safetensors")))
         ema = {k: v.to(device) for k, v in load_file(str(resume_from / "ema.safetensors")).items()}
-        state = torch.load(resume_from / "training_state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
@@ -649,6 +788,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+        # a NaN/inf would be stepped into the weights and then saved as the newest checkpoint: stop first, on every
+        # rank together (one rank's NaN need not reach the others' all-reduced gradients)
+        bad = {k: v for k, v in {**totals, "grad_norm": grad_norm}.items() if not math.isfinite(v)}
+        if any_rank(bool(bad), device, distributed):
+            raise NonFiniteLossError(
+                f"step {step + 1}: non-finite {bad or 'values on another rank'}; stopped before the optimizer step, "
+                f"nothing of this step was saved ({checkpoints / 'latest'} is unchanged). Lower lr=, check grad_clip= "
+                "and the batch's inputs (shards with NaN features), then resume")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

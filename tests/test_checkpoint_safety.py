@@ -1,0 +1,158 @@
+"""Checkpoints are trusted only as far as they can be checked (issue 12, "Checkpoints"): ``training_state.pt``
+loads with ``weights_only=True`` so a doctored pickle runs nothing; every file's sha256 sits in a manifest written
+last, so flipped bytes are refused and an interrupted save is skipped for the previous complete checkpoint; and a
+non-finite loss stops the run before the optimizer step, with ``latest`` unchanged. Real tiny runs on the CPU."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_train_loader import write_training_shards
+
+from model.train import (
+    MANIFEST,
+    CheckpointError,
+    NonFiniteLossError,
+    latest_checkpoint,
+    load_training_state,
+    main,
+    reseal_checkpoint,
+    write_manifest,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = str(REPO / "configs" / "train_tiny.toml")
+A2M = ["stage=a2m", "val_samples=0", "checkpoint_every=1", "warmup_steps=1"]  # the cheapest stage
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    return write_training_shards(tmp_path_factory.mktemp("ckpt-shards"), n_clips=4, frames=30)
+
+
+@pytest.fixture(autouse=True)
+def _both_cores(two_torch_threads):
+    yield
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(shard_dir, tmp_path_factory):
+    """A run stopped after step 2 with checkpoints at steps 1 and 2; tests copy it before changing anything."""
+    out = tmp_path_factory.mktemp("ckpt-run")
+    main(["--config", TINY, "--shards", str(shard_dir), "--out", str(out), *A2M, "max_steps=4", "stop_at_step=2"])
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def _resume(shards: Path, out: Path, *extra: str):
+    return main(["--config", TINY, "--shards", str(shards), "--out", str(out), *A2M, "max_steps=3", *extra])
+
+
+class _Payload:
+    """Unpickling this calls ``builtins.exec`` on code that creates a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_a_checkpoint_holds_a_manifest_of_every_file(two_checkpoints):
+    folder = two_checkpoints / "checkpoints" / "step-0000002"
+    listed = json.loads((folder / MANIFEST).read_text())["files"]
+    assert set(listed) == {"model.safetensors", "ema.safetensors", "training_state.pt", "state.json"}
+    assert all(len(entry["sha256"]) == 64 and entry["bytes"] > 0 for entry in listed.values())
+    assert not list((two_checkpoints / "checkpoints").glob(".*tmp*"))
+    # the RNG states are tensors and plain types: the safe unpickler reads the whole file
+    assert isinstance(load_training_state(folder)["rng"]["numpy"][1], torch.Tensor)
+
+
+def test_a_doctored_training_state_runs_nothing(shard_dir, two_checkpoints, tmp_path):
+    out = _copy(two_checkpoints, tmp_path)
+    folder = out / "checkpoints" / "step-0000002"
+    marker = tmp_path / "pwned"
+    torch.save({"step": 2, "payload": _Payload(marker)}, folder / "training_state.pt")  # a real torch zip file
+    write_manifest(folder)  # an attacker can rewrite the manifest too: the unpickler itself must refuse
+    with pytest.raises(CheckpointError, match=r"step-0000002/training_state\.pt.*could run code"):
+        _resume(shard_dir, out)
+    assert not marker.exists()
+    # the control: the same file does run under the unpickler the loop used before
+    torch.load(folder / "training_state.pt", weights_only=False)
+    assert marker.read_text() == "ran"
+
+
+def test_a_flipped_byte_is_refused_naming_the_file(shard_dir, two_checkpoints, tmp_path):
+    out = _copy(two_checkpoints, tmp_path)
+    weights = out / "checkpoints" / "step-0000002" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last tensor: the file still parses, so only the hash can tell
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"step-0000002/model\.safetensors does not match the sha256"):
+        _resume(shard_dir, out)
+
+
+def test_an_interrupted_save_is_skipped_for_the_previous_checkpoint(shard_dir, two_checkpoints, tmp_path, caplog):
+    out = _copy(two_checkpoints, tmp_path)
+    checkpoints = out / "checkpoints"
+    (checkpoints / "step-0000002" / MANIFEST).unlink()  # as if killed before the manifest went in
+    with caplog.at_level(logging.WARNING, logger="model.train"):
+        assert latest_checkpoint(checkpoints) == checkpoints / "step-0000001"
+    assert any("skipping" in r.message and "step-0000002" in r.message for r in caplog.records)
+    resumed = _resume(shard_dir, out)
+    assert [r["step"] for r in resumed.records] == [2, 3]
+
+
+def test_latest_cannot_point_outside_the_checkpoints_folder(two_checkpoints, tmp_path, caplog):
+    out = _copy(two_checkpoints, tmp_path)
+    checkpoints = out / "checkpoints"
+    (checkpoints / "latest").write_text("../../../etc")
+    with caplog.at_level(logging.WARNING, logger="model.train"):
+        assert latest_checkpoint(checkpoints) == checkpoints / "step-0000002"
+    assert any("not a checkpoint folder" in r.message for r in caplog.records)
+
+
+def test_an_old_checkpoint_without_a_manifest_is_refused_until_resealed(shard_dir, two_checkpoints, tmp_path):
+    out = _copy(two_checkpoints, tmp_path)
+    checkpoints = out / "checkpoints"
+    import shutil
+
+    shutil.rmtree(checkpoints / "step-0000002")
+    (checkpoints / "latest").write_text("step-0000001")
+    folder = checkpoints / "step-0000001"
+    # the format an older model/train.py wrote: numpy's RNG state as its tuple with an ndarray, no manifest
+    state = load_training_state(folder)
+    state["rng"]["numpy"] = np.random.get_state()
+    torch.save(state, folder / "training_state.pt")
+    (folder / MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match=r"step-0000001 has no manifest\.json.*reseal_checkpoint"):
+        _resume(shard_dir, out)  # never a silent restart at step 0
+    with pytest.raises(CheckpointError, match="could run code"):  # its ndarray is not allow-listed
+        load_training_state(folder)
+    reseal_checkpoint(folder)
+    resumed = _resume(shard_dir, out)
+    assert [r["step"] for r in resumed.records] == [2, 3]
+
+
+def test_a_non_finite_loss_stops_before_the_update_and_saves_nothing(shard_dir, tmp_path):
+    # a real way to diverge: lr=1e30 makes step 1's update blow the weights up, so step 2's loss is not finite
+    with pytest.raises(NonFiniteLossError, match=r"step 2: non-finite \{.*'total': (nan|inf)") as error:
+        main(["--config", TINY, "--shards", str(shard_dir), "--out", str(tmp_path), *A2M, "max_steps=4",
+              "lr=1e30", "grad_clip=0"])
+    assert "latest" in str(error.value) and "unchanged" in str(error.value)
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-0000001"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step-")) == ["step-0000001"]
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1]  # the non-finite step is neither logged nor saved
