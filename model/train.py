@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import json
 import logging
@@ -56,6 +55,8 @@ from model.synchrorama import SynchroRamaModel
 from model.train_config import TrainConfig, parse_config
 from model.training_step import STEP_STATISTICS, StepOptions, training_losses
 from shards.training_loader import EMOTION_ARRAYS, TrainingWindows, WindowSpec, data_loader
+from shards.validate import file_sha256
+from shards.writer import fsync_path
 
 log = logging.getLogger("model.train")
 
@@ -298,23 +299,6 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file or a folder (its entries: a rename is durable only once its folder is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _checkpoint_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -324,14 +308,14 @@ def write_manifest(folder: Path) -> None:
     the manifest itself goes in by an atomic rename, so its presence means the checkpoint is complete."""
     files = {}
     for path in _checkpoint_files(folder):
-        _fsync(path)
-        files[path.relative_to(folder).as_posix()] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        fsync_path(path)
+        files[path.relative_to(folder).as_posix()] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
     temp = folder / f".{MANIFEST}.tmp"
     temp.write_text(json.dumps({"format": 1, "files": files}, indent=1))
-    _fsync(temp)
+    fsync_path(temp)
     os.replace(temp, folder / MANIFEST)
     for sub in {folder, *(p.parent for p in _checkpoint_files(folder))}:
-        _fsync(sub)
+        fsync_path(sub)
 
 
 def verify_checkpoint(folder: Path) -> None:
@@ -352,7 +336,7 @@ def verify_checkpoint(folder: Path) -> None:
         if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():
             raise CheckpointError(f"{path}: listed in {manifest} but missing (or outside the checkpoint); "
                                   f"delete {folder} to resume from an older checkpoint")
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
             raise CheckpointError(f"{path} does not match the sha256 in {manifest}: the file changed after it "
                                   f"was saved (disk or copy corruption, or an edit); delete {folder} to resume "
                                   "from an older checkpoint")
@@ -411,12 +395,12 @@ def save_checkpoint(directory: Path, step: int, model, ema: dict, optimizer, sch
     write_manifest(temp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(temp, final)
-    _fsync(directory)
+    fsync_path(directory)
     latest = directory / ".latest.tmp"
     latest.write_text(final.name)
-    _fsync(latest)
+    fsync_path(latest)
     os.replace(latest, directory / "latest")
-    _fsync(directory)
+    fsync_path(directory)
     kept = sorted(p for p in directory.glob("step-*") if p.is_dir())
     for old in kept[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

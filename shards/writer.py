@@ -224,7 +224,7 @@ def write_shard(shard_dir: Path, index: int, samples: list[ShardSample], content
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
-    fsync_directory(shard_dir)
+    fsync_path(shard_dir)
 
     manifest = ShardManifest(
         index=index,
@@ -251,12 +251,13 @@ def write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
-    fsync_directory(path.parent)
+    fsync_path(path.parent)
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make the renames in ``directory`` durable (a rename lives in the directory, not in the file)."""
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory so that the renames in it are durable (a rename lives in the directory, not in
+    the file)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

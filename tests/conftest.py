@@ -80,26 +80,25 @@ def pytest_configure(config):
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
 
 
-@pytest.fixture
-def two_torch_threads():
-    """Training tests run on both cores (the tiny UNet is big enough to gain); restored afterwards."""
+def _torch_threads(count: int):
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(count)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def two_torch_threads():
+    """Training tests run on both cores (the tiny UNet is big enough to gain); restored afterwards."""
+    yield from _torch_threads(2)
 
 
 @pytest.fixture
 def one_torch_thread():
     """Small models run fastest, and timings stay steady, on one intra-op thread; restored afterwards."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    yield from _torch_threads(1)
 
 
 @pytest.fixture(scope="session")
