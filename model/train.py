@@ -9,8 +9,9 @@ on the last one), bf16 autocast over fp32 master weights, gradient clipping, Ada
 cosine learning rate, EMA of the trained weights. Checkpoints (``out/checkpoints/step-NNNNNNN/``) hold the
 weights and the EMA as safetensors plus optimizer, scheduler, step, RNG states and each rank's data position,
 and are renamed into place only when complete, with a sha256 manifest of their files written last (checked on
-resume; ``training_state.pt`` loads with ``weights_only=True``); a non-finite loss stops the run before the
-update. A restarted run continues from ``checkpoints/latest`` and
+resume, falling back to the newest older checkpoint that verifies; ``training_state.pt`` loads with
+``weights_only=True``); a non-finite loss or gradient norm stops the run before the update. Rank 0 holds the output
+folder's lock (one run per folder). A restarted run continues from ``checkpoints/latest`` and
 produces exactly the losses it would have produced without the stop (on CPU; cuDNN/cuBLAS kernels may
 differ in the last bits on GPU). Validation videos from fixed inputs, made with the EMA weights, are saved
 inside each checkpoint. Logs: ``log.jsonl`` and TensorBoard under ``out/``.
@@ -57,6 +58,7 @@ from model.training_step import STEP_STATISTICS, StepOptions, training_losses
 from shards.training_loader import EMOTION_ARRAYS, TrainingWindows, WindowSpec, data_loader
 from shards.validate import file_sha256
 from shards.writer import fsync_path
+from synchrorama.run_lock import OutputLocked, hold_output_lock
 
 log = logging.getLogger("model.train")
 
@@ -408,9 +410,12 @@ def save_checkpoint(directory: Path, step: int, model, ema: dict, optimizer, sch
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint: the one ``latest`` names (only a ``step-NNNNNNN`` folder inside
-    ``directory``), else the newest older one; a folder without ``manifest.json`` (an interrupted save) is skipped
-    with a warning. Raises when there are checkpoints but none is complete, rather than restarting at step 0."""
+    """The newest checkpoint that verifies: the one ``latest`` names (only a ``step-NNNNNNN`` folder inside
+    ``directory``), else the newest older one. Each is checked against its manifest (every file's sha256) and its
+    ``training_state.pt`` must load with the safe unpickler; one that fails (an interrupted save without a manifest,
+    a truncated or changed file) is skipped with a warning naming the file and the reason, for the next older one.
+    ``None`` when there are no checkpoints; raises :class:`CheckpointError` when there are some but none verifies,
+    rather than restarting at step 0."""
     pointer = directory / "latest"
     named = pointer.read_text().strip() if pointer.is_file() else None
     folders = sorted((p for p in directory.glob("step-*") if p.is_dir()), reverse=True)
@@ -419,13 +424,23 @@ def latest_checkpoint(directory: Path) -> Path | None:
                     pointer, named, directory)
     else:
         folders.sort(key=lambda p: p.name != named)  # the named one first, then newest to oldest
+    refused: list[tuple[Path, CheckpointError]] = []
     for folder in folders:
-        if (folder / MANIFEST).is_file():
-            return folder
-        log.warning("skipping %s: no %s (an interrupted save, or written by an older model/train.py)",
-                    folder, MANIFEST)
-    if folders:
-        verify_checkpoint(folders[0])  # raises, saying how to re-save a trusted old checkpoint
+        try:
+            verify_checkpoint(folder)
+            load_training_state(folder)
+        except CheckpointError as error:
+            refused.append((folder, error))
+            older = "falling back to the next older checkpoint" if folder != folders[-1] else "no older one is left"
+            log.warning("skipping %s: %s; %s", folder, error, older)
+            continue
+        if refused:
+            log.warning("resuming from %s, not from the newer %s (see the warnings above)", folder,
+                        ", ".join(skipped.name for skipped, _ in refused))
+        return folder
+    if refused:
+        raise CheckpointError(f"none of the {len(folders)} checkpoints in {directory} verifies; the newest says: "
+                              f"{refused[0][1]}")
     return None
 
 
@@ -617,7 +632,36 @@ class TrainResult:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run one stage from ``cfg`` (resuming from ``out/checkpoints/latest`` when there is one)."""
+    """Run one stage from ``cfg`` (resuming from ``out/checkpoints/latest`` when there is one). Rank 0 holds the
+    lock of ``out`` for the run (``synchrorama.run_lock``): a second run on the same folder is refused."""
+    with contextlib.ExitStack() as held:
+        return _train(cfg, held)
+
+
+def claim_output(out: Path, stage: str, held: contextlib.ExitStack, master: bool, device: torch.device,
+                 distributed: bool) -> None:
+    """Rank 0 takes the output folder's lock (held until ``held`` closes) and, holding it, removes what killed
+    saves left (temp checkpoint folders and pointer files: no live writer can own them now). Every rank raises
+    when rank 0 was refused, so the others do not wait for it in a collective."""
+    refused = None
+    if master:
+        try:
+            held.enter_context(hold_output_lock(out, f"training stage {stage}"))
+        except OutputLocked as error:
+            refused = error
+        else:
+            checkpoints = out / "checkpoints"
+            for leftover in sorted(checkpoints.glob(".*.tmp*")) if checkpoints.is_dir() else []:
+                log.warning("removing %s, left by an interrupted checkpoint save", leftover)
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+    if any_rank(refused is not None, device, distributed):
+        raise refused or OutputLocked(f"{out} is in use by another run (rank 0 was refused its lock; see its log)")
+
+
+def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     distributed = "RANK" in os.environ
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -640,6 +684,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     master = rank == 0
     out = Path(cfg.out)
     checkpoints = out / "checkpoints"
+    claim_output(out, cfg.stage, held, master, device, distributed)
 
     # Model, frozen parts and the stage's trainable set; the same seed on every rank gives the same weights.
     torch.manual_seed(cfg.seed)
@@ -673,8 +718,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     step, positions = 0, {}
     resume_from = latest_checkpoint(checkpoints) if cfg.resume else None
     if resume_from is not None:
-        verify_checkpoint(resume_from)  # every file against its sha256 before any byte of it is used
-        state = load_training_state(resume_from)
+        state = load_training_state(resume_from)  # verified by latest_checkpoint, every file against its sha256
         model.load_state_dict(load_file(str(resume_from / "model.safetensors")))
         ema = {k: v.to(device) for k, v in load_file(str(resume_from / "ema.safetensors")).items()}
         optimizer.load_state_dict(state["optimizer"])

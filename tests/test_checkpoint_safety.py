@@ -1,13 +1,16 @@
 """Checkpoints are trusted only as far as they can be checked (issue 12, "Checkpoints"): ``training_state.pt``
 loads with ``weights_only=True`` so a doctored pickle runs nothing; every file's sha256 sits in a manifest written
-last, so flipped bytes are refused and an interrupted save is skipped for the previous complete checkpoint; and a
-non-finite loss stops the run before the optimizer step, with ``latest`` unchanged. Real tiny runs on the CPU."""
+last, so flipped bytes, a truncated file or an interrupted save are refused and the newest older checkpoint that
+verifies is used instead; a non-finite loss stops the run before the optimizer step, with ``latest`` unchanged; one
+training run per output folder, which also clears what killed saves left. Real tiny runs on the CPU."""
 
 from __future__ import annotations
 
 import builtins
 import json
 import logging
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +26,10 @@ from model.train import (
     load_training_state,
     main,
     reseal_checkpoint,
+    verify_checkpoint,
     write_manifest,
 )
+from synchrorama.run_lock import OutputLocked, hold_output_lock
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "train_tiny.toml")
@@ -79,28 +84,74 @@ def test_a_checkpoint_holds_a_manifest_of_every_file(two_checkpoints):
     assert isinstance(load_training_state(folder)["rng"]["numpy"][1], torch.Tensor)
 
 
-def test_a_doctored_training_state_runs_nothing(shard_dir, two_checkpoints, tmp_path):
+def test_a_doctored_training_state_runs_nothing(shard_dir, two_checkpoints, tmp_path, caplog):
     out = _copy(two_checkpoints, tmp_path)
     folder = out / "checkpoints" / "step-0000002"
     marker = tmp_path / "pwned"
     torch.save({"step": 2, "payload": _Payload(marker)}, folder / "training_state.pt")  # a real torch zip file
     write_manifest(folder)  # an attacker can rewrite the manifest too: the unpickler itself must refuse
+    doctored = Path(shutil.copy(folder / "training_state.pt", tmp_path / "doctored.pt"))
     with pytest.raises(CheckpointError, match=r"step-0000002/training_state\.pt.*could run code"):
-        _resume(shard_dir, out)
+        load_training_state(folder)
+    with caplog.at_level(logging.WARNING, logger="model.train"):
+        resumed = _resume(shard_dir, out)  # refused, so the run goes on from the older checkpoint
     assert not marker.exists()
+    assert [r["step"] for r in resumed.records] == [2, 3]
+    assert any("skipping" in r.message and "could run code" in r.message for r in caplog.records)
     # the control: the same file does run under the unpickler the loop used before
-    torch.load(folder / "training_state.pt", weights_only=False)
+    torch.load(doctored, weights_only=False)
     assert marker.read_text() == "ran"
 
 
-def test_a_flipped_byte_is_refused_naming_the_file(shard_dir, two_checkpoints, tmp_path):
+def test_a_flipped_byte_is_refused_naming_the_file_and_the_older_checkpoint_used(shard_dir, two_checkpoints, tmp_path,
+                                                                                  caplog):
     out = _copy(two_checkpoints, tmp_path)
     weights = out / "checkpoints" / "step-0000002" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x01  # one bit of the last tensor: the file still parses, so only the hash can tell
     weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"step-0000002/model\.safetensors does not match the sha256"):
+    with caplog.at_level(logging.WARNING, logger="model.train"):
+        resumed = _resume(shard_dir, out)
+    assert [r["step"] for r in resumed.records] == [2, 3]  # from step 1, the newest checkpoint that verifies
+    assert any(re.search(r"skipping .*step-0000002.*step-0000002/model\.safetensors does not match the sha256", r.message)
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one(shard_dir, two_checkpoints, tmp_path, caplog, damage):
+    out = _copy(two_checkpoints, tmp_path)
+    state = out / "checkpoints" / "step-0000002" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2] if damage == "truncated" else b"")
+    with caplog.at_level(logging.WARNING, logger="model.train"):
+        assert latest_checkpoint(out / "checkpoints") == out / "checkpoints" / "step-0000001"
+    assert any("step-0000002/training_state.pt does not match" in r.message for r in caplog.records)
+    resumed = _resume(shard_dir, out)
+    assert [r["step"] for r in resumed.records] == [2, 3]
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000003"
+    verify_checkpoint(out / "checkpoints" / "step-0000002")  # the damaged one was replaced by a good save
+
+
+def test_when_no_checkpoint_verifies_the_run_stops_instead_of_restarting(shard_dir, two_checkpoints, tmp_path):
+    out = _copy(two_checkpoints, tmp_path)
+    for step in ("step-0000001", "step-0000002"):
+        (out / "checkpoints" / step / "ema.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"none of the 2 checkpoints .* verifies"):
         _resume(shard_dir, out)
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_and_stale_temp_saves_are_removed(shard_dir, two_checkpoints,
+                                                                                     tmp_path):
+    out = _copy(two_checkpoints, tmp_path)
+    stale = out / "checkpoints" / ".step-0000003.tmp-999999"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a save")
+    with hold_output_lock(out, "another training run"):
+        with pytest.raises(OutputLocked, match="in use by another run .*another training run"):
+            _resume(shard_dir, out)
+        assert stale.exists()  # a refused run touches nothing
+    resumed = _resume(shard_dir, out)
+    assert [r["step"] for r in resumed.records] == [3]
+    assert not stale.exists()
 
 
 def test_an_interrupted_save_is_skipped_for_the_previous_checkpoint(shard_dir, two_checkpoints, tmp_path, caplog):
