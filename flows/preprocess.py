@@ -13,6 +13,12 @@ the ``gpu`` tag (``prefect concurrency-limit create gpu 1`` serialises them on o
 once per worker process (``preprocess.stage_models``) and batches within a clip (never across clips, so that
 a clip's numbers do not depend on which clips shared its batch and a resumed run stays byte-identical).
 
+One run per out_dir: the flow holds ``synchrorama.run_lock``'s lock on the out_dir from before any clean-up
+to the end, so a second run there (``serve(limit=2)`` makes a double trigger easy) fails at once with
+``OutputLocked``. A run that fails before publishing (a model that cannot load, too many stage failures, no
+candidates, no clip kept while shards are published) leaves every published file as it was; publishing is one
+run-level commit (``preprocess.write_outputs.publish_outputs``) that ``synchrorama validate`` checks.
+
 Callable without a server, as a plain function::
 
     from flows.preprocess import preprocess
@@ -21,8 +27,8 @@ Callable without a server, as a plain function::
 
 from __future__ import annotations
 
-import json
 import logging
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,12 +36,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NONE
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from preprocess.cache import write_json_atomic
 from preprocess.discover import DATASETS, discover_candidates
 from preprocess.failures import (
     FAILURE_REASONS,
+    RunFailed,
     check_failure_shares,
     is_environment_error,
     stage_failure_shares,
@@ -66,9 +73,11 @@ from preprocess.pipeline import (
 from preprocess.preflight import load_active_models
 from preprocess.records import Candidate, Rejection
 from preprocess.settings import PreprocessSettings, load_settings
-from preprocess.write_outputs import TINY_MODELS_WARNING, tiny_model_stages, write_outputs
+from preprocess.write_outputs import TINY_MODELS_WARNING, publish_outputs, tiny_model_stages
+from shards.schema import SHARD_NAME_PATTERN
+from shards.tables import SHARDS_DIR
+from synchrorama.run_lock import hold_output_lock
 
-SUMMARY_FILE = "summary.json"
 PIECE_STAGES = (*AUDIO_STAGES, *VISUAL_STAGES)
 
 # Our own cache (in out_dir) decides what is redone, so Prefect's result cache is off for every task.
@@ -251,6 +260,40 @@ def _check_failure_shares(outcomes: list[PieceOutcome], settings: PreprocessSett
     check_failure_shares(stage_failure_shares(attempts), settings.limits.max_error_fraction, examples)
 
 
+def _published_shards(out: Path) -> list[str]:
+    """The shard tars a previous run published in ``out/shards``."""
+    shards_dir = out / SHARDS_DIR
+    if not shards_dir.is_dir():
+        return []
+    return sorted(path.name for path in shards_dir.iterdir()
+                  if (match := SHARD_NAME_PATTERN.fullmatch(path.name)) and match.group(2) == "tar")
+
+
+def _refuse_empty_publish(outcomes: list[PieceOutcome], out: Path) -> None:
+    """A run that keeps nothing is almost always misconfigured (a wrong filter, raw_dir or model): it must not
+    replace a published dataset with an empty one unless asked to (``replace_with_empty``)."""
+    published = _published_shards(out)
+    if any(outcome.kept for outcome in outcomes) or not published:
+        return
+    reasons = Counter(outcome.rejection.reason for outcome in outcomes if outcome.rejection)
+    found = ", ".join(f"{reason} {count}" for reason, count in reasons.most_common(8)) or "no rejections"
+    raise RunFailed(
+        f"this run kept 0 of {len(outcomes)} clips (rejected: {found}); the {len(published)} published shards in "
+        f"{out / SHARDS_DIR}, the tables and summary.json were left untouched. Check the settings and raw_dir "
+        f"(a filter override can reject everything); to publish an empty dataset over them anyway, rerun with "
+        f"replace_with_empty=true (prefect: -p replace_with_empty=true)")
+
+
+def _no_candidates_message(dataset: str, raw_dir: Path, annotations_dir: Path | None, pattern: str) -> str:
+    if dataset == "hdtf":
+        looked_for = (f"HDTF annotation files (*_video_url.txt, ...) in {annotations_dir or raw_dir} (or the shipped "
+                      f"copy) and their Name.mp4 videos in {raw_dir}")
+    else:
+        looked_for = f"video files matching pattern {pattern!r} under raw_dir {raw_dir}"
+    return (f"no candidate clips for dataset {dataset!r}: looked for {looked_for}; check raw_dir, dataset and "
+            f"pattern; nothing was written")
+
+
 @flow(name="preprocess", log_prints=True)
 def preprocess(
     dataset: str = "hdtf",
@@ -261,41 +304,54 @@ def preprocess(
     pattern: str = "**/*",
     overrides: dict[str, Any] | None = None,
     limit: int | None = None,
+    replace_with_empty: bool = False,
 ) -> dict[str, Any]:
     """Turn raw talking-face videos into 512x512, 25 fps clips in WebDataset shards plus parquet tables.
 
     dataset: "hdtf" (annotation files + Name.mp4 videos) or "folder"/"vfhq"/"mead" (any tree of videos).
     raw_dir: the videos (for HDTF also the annotation files, else the project's shipped copy is used).
-    out_dir: where shards/, tables/, work/ (the resumable cache) and summary.json are written.
+    out_dir: where shards/, tables/, work/ (the resumable cache) and summary.json are written. One run per
+        out_dir: a run on an out_dir that another run holds fails at once (``OutputLocked``).
     profile: settings profile: "default" (real model references) or "tiny" (locally built tiny models).
     annotations_dir: HDTF annotation files, when not in raw_dir.
     pattern: glob of videos under raw_dir for folder datasets.
     overrides: nested settings overrides, e.g. {"filters": {"max_abs_yaw_deg": 30}}.
     limit: process only the first N candidates (sorted by id), for a quick look.
+    replace_with_empty: let a run that keeps no clip replace published shards with an empty dataset (without
+        it, such a run fails and leaves them untouched).
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
     logger = get_run_logger()
     settings = load_settings(profile, overrides, dataset=dataset)
     out = Path(out_dir).resolve()
-    candidates, issues = discover_candidates(dataset, Path(raw_dir).resolve(),
-                                             Path(annotations_dir).resolve() if annotations_dir else None, pattern)
-    if limit is not None:
-        candidates = candidates[:limit]
-    logger.info("%d candidate clips from %s (%s), %d annotation issues; output in %s",
-                len(candidates), raw_dir, dataset, len(issues), out)
-    if tiny_model_stages(settings):
-        logger.warning(TINY_MODELS_WARNING + " (stages: %s)", ", ".join(tiny_model_stages(settings)))
-    loaded = load_models_task.with_options(timeout_seconds=settings.limits.task_timeout_s)(settings)
-    logger.info("models loaded:\n  %s", "\n  ".join(loaded))
-    removed = Workspace(out).cache.remove_leftovers()
-    if removed:
-        logger.info("removed %d unfinished work directories left by an interrupted run", removed)
+    # Held for the whole run, before any clean-up or write: a second run on this out_dir is refused at once
+    # instead of deleting this run's temp files and publishing over it. The kernel frees it if we are killed.
+    with hold_output_lock(out, f"preprocess {dataset} (flow run {flow_run.id})"):
+        raw, annotations = Path(raw_dir).resolve(), Path(annotations_dir).resolve() if annotations_dir else None
+        candidates, issues = discover_candidates(dataset, raw, annotations, pattern)
+        if not candidates:
+            raise RunFailed(_no_candidates_message(dataset, raw, annotations, pattern))
+        if limit is not None:
+            candidates = candidates[:limit]
+        logger.info("%d candidate clips from %s (%s), %d annotation issues; output in %s",
+                    len(candidates), raw_dir, dataset, len(issues), out)
+        if tiny_model_stages(settings):
+            logger.warning(TINY_MODELS_WARNING + " (stages: %s)", ", ".join(tiny_model_stages(settings)))
+        loaded = load_models_task.with_options(timeout_seconds=settings.limits.task_timeout_s)(settings)
+        logger.info("models loaded:\n  %s", "\n  ".join(loaded))
+        removed = Workspace(out).cache.remove_leftovers()
+        if removed:
+            logger.info("removed %d unfinished work directories left by an interrupted run", removed)
 
-    runner = ThreadPoolTaskRunner(max_workers=settings.workers)
-    outcomes = process_clips.with_options(task_runner=runner)(candidates, settings, str(out))
-    _check_failure_shares(outcomes, settings)
-    summary = write_outputs(outcomes, issues, settings, out)
-    write_json_atomic(out / SUMMARY_FILE, {**vars(summary), "dataset": dataset, "profile": profile})
+        runner = ThreadPoolTaskRunner(max_workers=settings.workers)
+        outcomes = process_clips.with_options(task_runner=runner)(candidates, settings, str(out))
+        _check_failure_shares(outcomes, settings)
+        if not replace_with_empty:
+            _refuse_empty_publish(outcomes, out)
+        # Everything above fails without touching a published file; from here on publish_outputs marks the
+        # out_dir as being published until summary.json, written last, commits it.
+        summary, record = publish_outputs(outcomes, issues, settings, out, run_id=str(flow_run.id),
+                                          extra={"dataset": dataset, "profile": profile})
     logger.info("summary\n%s", summary.as_text())
-    return json.loads(json.dumps(vars(summary)))
+    return record

@@ -2,7 +2,9 @@
 ``preprocess/folder`` (the same flow with other defaults). Needs a running Prefect server
 (``PREFECT_API_URL``); ``synchrorama serve`` starts one when none is configured, then runs this module.
 
-Each run triggered with ``prefect deployment run preprocess/<name>`` executes in a fresh subprocess.
+Each run triggered with ``prefect deployment run preprocess/<name>`` executes in a fresh subprocess. Up to
+``--limit`` runs go at once, so a double trigger of one deployment is easy: the second run on an out_dir fails at
+once with ``OutputLocked`` (the flow holds the out_dir's lock for the whole run) and the first goes on untouched.
 """
 
 from __future__ import annotations

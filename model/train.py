@@ -55,8 +55,8 @@ from model.schedule import train_scheduler
 from model.synchrorama import SynchroRamaModel
 from model.train_config import TrainConfig, parse_config
 from model.training_step import STEP_STATISTICS, StepOptions, training_losses
+from shards.schema import file_sha256
 from shards.training_loader import EMOTION_ARRAYS, TrainingWindows, WindowSpec, data_loader
-from shards.validate import file_sha256
 from shards.writer import fsync_path
 from synchrorama.run_lock import OutputLocked, hold_output_lock
 
@@ -482,7 +482,8 @@ def validation_inputs(cfg: TrainConfig, model_cfg: ModelConfig) -> list[dict]:
     frames = cfg.val_frames or 2 * video_config(cfg, model_cfg).clip_frames
     spec = WindowSpec("stage2", clip_frames=frames, motion_frames=0, image_size=model_cfg.data.image_size,
                       prefer_cached=False)
-    windows = TrainingWindows(cfg.shard_urls(), spec, batch_size=1, seed=cfg.seed, shuffle_buffer=0)
+    windows = TrainingWindows(cfg.shard_urls(), spec, batch_size=1, seed=cfg.seed, shuffle_buffer=0,
+                              verify=cfg.verify_shards, max_skip_fraction=cfg.max_skip_fraction)
     inputs = []
     for batch in windows:
         description = batch.get("description")
@@ -741,7 +742,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
     consumed = {int(w): p for w, p in positions.get("workers", {}).items()}
     batches_seen = positions.get("batches", 0)
     dataset = TrainingWindows(cfg.shard_urls(), spec, cfg.batch_size, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-                              rank=rank, world_size=world, start_positions=consumed, worker_offset=batches_seen % workers)
+                              rank=rank, world_size=world, start_positions=consumed, worker_offset=batches_seen % workers,
+                              verify=cfg.verify_shards, max_skip_fraction=cfg.max_skip_fraction)
     batches = iter(data_loader(dataset, cfg.num_workers))
     if cfg.overfit_batches:  # a loop that cannot overfit a few fixed batches has a bug
         batches = itertools.cycle(list(itertools.islice(batches, cfg.overfit_batches)))

@@ -32,6 +32,9 @@ class TrainConfig:
     motion_frames: int | None = None  # M; None: the model config's (2)
     num_workers: int = 4
     shuffle_buffer: int = 64
+    # each shard checked against its manifest when opened: sha256 (every visit), count (samples only) or off
+    verify_shards: str = "sha256"
+    max_skip_fraction: float = 0.1  # an epoch skipping more of its samples than this stops the run (TrainingDataError)
     prefer_cached: bool = True  # use latents.npy / wav2vec.npy when a clip has them
     min_reference_distance: int = 1  # reference frame at least this many frames from the generated ones (0: any)
     motion_from_a2m: float = 0.5  # stage 2: share of samples whose motion frames are A2M samples (paper sec. 6)

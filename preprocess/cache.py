@@ -8,21 +8,45 @@ threshold changes only the keys of the stages that read it, so only those re-run
 
 The cache lives in ``out_dir`` rather than in Prefect's result store on purpose: deleting the outputs must
 invalidate the cache, and a Prefect result pointing at deleted files would not.
+
+Verified reads: ``result.json`` lists every file of its entry with its size in bytes (``_files``, written when
+the entry is computed, hidden from callers). ``load`` checks that each exists with that size; an entry that
+fails (a file deleted or truncated under ``work/``) is logged, naming the file and the entry, removed, and the
+stage recomputes it. Sizes, not hashes: hashing every cached video on every read would cost as much as a
+decode, and the failures seen (deleted files, cut-off copies) change sizes. An entry written before this check
+existed has no ``_files`` and is treated the same way (recomputed once): it cannot be verified, and trusting it
+is what made one deleted file fail every later run. Stage keys are unchanged, so the recomputed entry takes the
+same place.
+
+Temporary directories are named ``.tmp-<key>-<pid>@<host>-<random>``: ``remove_leftovers`` deletes only those
+whose process is dead on this host, never a live run's (a second run on the same ``out_dir`` is refused by
+``synchrorama.run_lock`` anyway; this keeps clean-up safe without it). Rejections that a stage returns are cached
+like any result, so stages return only verdicts about their input (``preprocess.media.check_tool_run``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 RESULT_FILE = "result.json"
+FILES_KEY = "_files"  # in result.json: {relative path: size in bytes} of every other file of the entry
+_HOST = socket.gethostname()
+# .tmp-<key>-<pid>@<host>-<8 hex>; a host name holds no "@" (and key, a stable_hash, no "-")
+_TMP_NAME = re.compile(r"^\.tmp-(?P<key>.+)-(?P<pid>\d+)@(?P<host>[^@/]+)-[0-9a-f]{8}$")
+_OLD_TMP_NAME = re.compile(r"^\.tmp-[^-]+-[0-9a-f]{8}$")  # before the owner was named: from an older version
 
 
 def stable_hash(*parts: Any) -> str:
@@ -42,18 +66,77 @@ def write_json_atomic(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+def _temp_name(key: str) -> str:
+    """A temporary directory name that says which process on which host is building it."""
+    return f".tmp-{key}-{os.getpid()}@{_HOST}-{uuid.uuid4().hex[:8]}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _entry_files(directory: Path) -> dict[str, int]:
+    """{path relative to ``directory``: size} of every file under it but result.json."""
+    return {path.relative_to(directory).as_posix(): path.stat().st_size
+            for path in sorted(directory.rglob("*")) if path.is_file() and path.name != RESULT_FILE}
+
+
 class StageCache:
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._warned_stages: set[str] = set()
 
     def entry_dir(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
     def load(self, stage: str, key: str) -> dict[str, Any] | None:
-        result_path = self.entry_dir(stage, key) / RESULT_FILE
+        """The stored result, or None when there is no entry or it fails verification (then it is removed)."""
+        entry = self.entry_dir(stage, key)
+        result_path = entry / RESULT_FILE
         if not result_path.exists():
             return None
-        return json.loads(result_path.read_text())
+        try:
+            stored = json.loads(result_path.read_text())
+        except (OSError, ValueError) as error:  # cut short or garbled: as unusable as a missing file
+            return self._discard(entry, f"{RESULT_FILE} cannot be read ({error})")
+        files = stored.pop(FILES_KEY, None) if isinstance(stored, dict) else None
+        if not isinstance(files, dict):
+            return self._discard(entry, f"{RESULT_FILE} lists no files (written before entries were verified)",
+                                 quiet=True)
+        for name, size in files.items():
+            path = entry / name
+            try:
+                actual = path.stat().st_size
+            except OSError:
+                return self._discard(entry, f"{name} is missing")
+            if actual != size:
+                return self._discard(entry, f"{name} has {actual} bytes, {size} when it was written")
+        return stored
+
+    def _discard(self, entry: Path, why: str, quiet: bool = False) -> None:
+        """Remove an entry that failed verification, so that the stage recomputes it under the same key.
+        ``quiet``: one warning per stage (an old cache has thousands of such entries), the rest at INFO."""
+        stage = entry.parent.name
+        loud = not quiet or stage not in self._warned_stages
+        if quiet:
+            self._warned_stages.add(stage)
+        log.log(logging.WARNING if loud else logging.INFO,
+                "cache entry %s cannot be trusted: %s; removing it, the stage recomputes it%s", entry, why,
+                " (so will every entry of this stage written by an older version)" if quiet and loud else "")
+        # renamed first: the final name is free at once, and a half-removed tree is a temp dir, never an entry
+        doomed = entry.parent / _temp_name(entry.name)
+        try:
+            os.rename(entry, doomed)
+        except OSError:  # another worker removed (or replaced) it first
+            return None
+        shutil.rmtree(doomed, ignore_errors=True)
+        return None
 
     def run(self, stage: str, key: str, compute: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
         """Return ``(result, was_cached)``. ``compute(tmp_dir)`` writes its files into ``tmp_dir`` and returns
@@ -65,13 +148,13 @@ class StageCache:
         if cached is not None:
             return cached, True
         final = self.entry_dir(stage, key)
-        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp = final.parent / _temp_name(key)
         tmp.mkdir(parents=True)
         try:
             started = time.perf_counter()
             result = compute(tmp)
             result = {**result, "seconds": round(time.perf_counter() - started, 4)}
-            write_json_atomic(tmp / RESULT_FILE, result)
+            write_json_atomic(tmp / RESULT_FILE, {**result, FILES_KEY: _entry_files(tmp)})
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -84,12 +167,23 @@ class StageCache:
         return result, False
 
     def remove_leftovers(self) -> int:
-        """Delete temporary directories left by killed runs; returns how many were removed."""
+        """Delete temporary directories left by dead runs; returns how many were removed.
+
+        Removed: those whose process (``pid@host`` in the name) is not alive on this host, and those named the
+        way older versions did (no owner; no run of this version writes them). Kept: a live process's, another
+        host's (its liveness cannot be checked from here) and any name not made by this module."""
         removed = 0
-        if self.root.exists():
-            for leftover in self.root.glob("*/.tmp-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-                removed += 1
+        if not self.root.exists():
+            return removed
+        for leftover in self.root.glob("*/.tmp-*"):
+            owner = _TMP_NAME.match(leftover.name)
+            if owner:
+                if owner["host"] != _HOST or _process_alive(int(owner["pid"])):
+                    continue
+            elif not _OLD_TMP_NAME.match(leftover.name):
+                continue
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed += 1
         return removed
 
 

@@ -2,7 +2,9 @@
 
 A piece covering the whole clip is copied as is. Otherwise the video is re-encoded between exact frame
 indices (``trim`` on frame numbers; keyframe cuts with ``-c copy`` would not be frame-exact), the audio is
-sliced at ``frame * 640`` samples, and landmarks and pose are sliced by frame.
+sliced at ``frame * 640`` samples, and landmarks and pose are sliced by frame. Every failure here raises (the
+piece gets an uncached ``error`` and the next run retries it): its input is the pipeline's own output, so no
+failure of this stage is a verdict on the source.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def cut_piece(
         "-an", "-movflags", "+faststart", out_dir / VIDEO_FILE,
         # the trim filter decodes the clip from its start up to ``end``
     ], purpose=f"cutting frames {start}-{end} of {clip_dir / VIDEO_FILE}", media_duration_s=end / settings.fps,
-        limits=limits)
+        limits=limits, outputs=(out_dir / VIDEO_FILE,))
     written = count_video_frames(out_dir / VIDEO_FILE, limits=limits)
     if written != end - start:
         raise RuntimeError(f"cut wrote {written} frames, expected {end - start}")

@@ -14,7 +14,7 @@ import numpy as np
 
 from preprocess.face_models import mesh_landmarks, new_face_mesh
 from preprocess.head_pose import head_pose_from_landmarks
-from preprocess.media import FfmpegError, FfmpegTimeout, iter_rgb_frames
+from preprocess.media import FfmpegError, iter_rgb_frames
 from preprocess.records import Rejection
 from preprocess.settings import FaceSettings, MediaTimeouts
 
@@ -44,9 +44,7 @@ def track_faces(
         for frame in iter_rgb_frames(video, width=size, height=size, limits=limits):
             landmarks = mesh_landmarks(face_mesh, frame)
             rows.append(landmarks if landmarks is not None else np.full((n_landmarks, 3), np.nan, np.float32))
-    except FfmpegTimeout:
-        raise  # a slow or stuck decode is not a property of the clip: fail this attempt, cache no rejection
-    except FfmpegError as error:
+    except FfmpegError as error:  # a verdict on the input only: a timeout, a kill or a full disk propagates
         return Rejection("faces", "undecodable", str(error))
     finally:
         face_mesh.close()

@@ -6,6 +6,11 @@ cannot be imported or loaded, CUDA errors, out of memory, a full disk) would hit
 it into one ``error`` rejection per clip makes an empty dataset that looks like a success, so it stops the run
 instead, once, with the reason. So does a stage whose clip failures exceed ``RunLimits.max_error_fraction`` of
 the clips it ran on: that many "clip" failures are not about the clips.
+
+Media tools follow the same split (``preprocess.media.check_tool_run``): a full disk, an I/O error or no memory
+reported by ffmpeg becomes an ``OSError`` with that errno (environmental: the run stops); a tool killed by a
+signal, past its time limit or missing a file is a ``TransientMediaFailure`` (the clip's uncached ``error``,
+retried next run); only ffmpeg rejecting the input is a verdict that a stage may cache.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ FAILURE_REASONS = ("error", "timeout")
 # Substrings of RuntimeError messages raised by a broken GPU setup rather than by an input.
 _DEVICE_ERROR_MARKERS = ("CUDA", "cuDNN", "cuBLAS", "NCCL", "out of memory", "HIP error", "no kernel image",
                          "Found no NVIDIA driver")
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+# EIO: a failing disk or network file system (ffmpeg's "Input/output error", preprocess.media.MediaEnvironmentError)
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO}
 
 
 class EnvironmentFailure(RuntimeError):

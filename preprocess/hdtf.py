@@ -13,6 +13,13 @@ Reading happens in two passes: each file is read on its own (lexical problems, m
 rows and single-row value problems such as a resolution of 0 or an end time before the start), then the
 files of a subset are joined (missing rows, rows without a clip, boxes outside the annotated frame).
 
+Video names are text from the annotation files, so they are checked before any path is built from them: a name
+that is not a plain file name (a ``/`` or ``\\``, ``.``, ``..``) rejects its clips ``unsafe_path``, one with
+control characters ``bad_name``, and neither is ever looked up on disk; a found file must be a readable regular
+file inside the videos folder (a symlink resolving outside it is ``link_outside_raw_dir``). A name that is a
+safe file name but not a valid clip id (e.g. with a ``.``, which would split a WebDataset key) is kept, and its
+clips are renamed by ``preprocess.discover.settle_candidates`` (issue ``id_renamed``).
+
 ``python -m preprocess.hdtf DIR [--videos VIDEOS_DIR]`` prints the issue counts and the candidate count.
 """
 
@@ -20,15 +27,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from preprocess.discover import VIDEO_EXTENSIONS
+from preprocess.discover import VIDEO_EXTENSIONS, as_clip_id, video_entry_problem
 from preprocess.records import AnnotationIssue, Candidate, CropBox
+from shards.schema import CLIP_ID_PATTERN
 
 DATASET = "hdtf"
 
@@ -43,6 +52,18 @@ FILE_SUFFIXES: dict[str, str] = {
 
 _TIMESTAMP = re.compile(r"(?:(\d+):)?(\d+):(\d+(?:\.\d+)?)")
 _CLIP_NAME = re.compile(r"(.+)_(\d+)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def name_problem(video: str) -> tuple[str, str] | None:
+    """Why the annotated video name ``video`` must not become a path, as ``(reason, detail)``, or None."""
+    if "/" in video or "\\" in video or video in (".", ".."):
+        return "unsafe_path", (f"video name {video!r} is not a plain file name (a path separator or '..' could "
+                               "read outside raw_dir); not looked up. Fix the name in the annotation files")
+    if _CONTROL.search(video):
+        return "bad_name", (f"video name {video!r} contains control characters; not looked up. Fix the name in "
+                            "the annotation files")
+    return None
 
 
 @dataclass(frozen=True)
@@ -345,12 +366,23 @@ def _join_subset(subset: str, tables: dict[str, _Table], claimed: dict[str, str]
                     | set(time.rows) | set(time.malformed))
     clips: list[HdtfClip] = []
     made: set[str] = set()
+    bad_names: dict[str, tuple[str, str]] = {}
     for video in videos:
         if video in claimed:
             _issue(issues, time.file, time.rows[video].line if video in time.rows else 0, "duplicate_row",
                    video, f"video already annotated in subset {claimed[video]}; that one wins")
             continue
         claimed[video] = subset
+        defined = next(((table.file, table.rows[video].line) for table in (time, resolution, url)
+                        if video in table.rows), (time.file, 0))
+        problem = name_problem(video)
+        if problem is not None:
+            bad_names[video] = problem
+            _issue(issues, *defined, problem[0], video, problem[1])
+        elif not CLIP_ID_PATTERN.fullmatch(video):
+            _issue(issues, *defined, "id_renamed", video,
+                   f"{video!r} has characters a clip id cannot hold (only [A-Za-z0-9_-]; a '.' would split a "
+                   f"WebDataset key): its clips are renamed, e.g. {as_clip_id(video + '_0')}, noted renamed_from")
         video_url = url.rows[video].value if video in url.rows else None
         notes: list[str] = []
         if video not in url.rows:
@@ -398,7 +430,9 @@ def _join_subset(subset: str, tables: dict[str, _Table], claimed: dict[str, str]
                 else:
                     why = f"{video} has no line in {time.file}"
                 _issue(issues, table.file, row.line, "crop_without_clip", clip_id, f"no clip {index}: {why}")
-    return clips
+    # a bad name outranks every other reason: the clip can never be processed under it
+    return [replace(clip, reject_reason=bad_names[clip.video][0], reject_detail=bad_names[clip.video][1])
+            if clip.video in bad_names else clip for clip in clips]
 
 
 def _join_clip(clip_id: str, video: str, subset: str, start_s: float, end_s: float, height: int | None,
@@ -479,18 +513,25 @@ def hdtf_candidates(annotations_dir: Path, videos_dir: Path) -> tuple[list[Candi
     Sources are ``videos_dir/Name.mp4``, or ``Name.webm``/``Name.mkv``/... when that is how the video was
     downloaded (yt-dlp keeps YouTube's container unless told otherwise); a clip whose file is absent gets
     ``reject_reason="missing_source"`` (unless it was already rejected for an annotation reason), so a partial
-    download never raises.
+    download never raises. A found entry that is not a readable regular file inside ``videos_dir`` rejects its
+    clips with the reason of ``preprocess.discover.video_entry_problem``. Names rejected by ``name_problem`` are
+    never looked up. Ids are as annotated: ``discover_candidates`` settles them.
     """
     annotations, issues = read_hdtf_annotations(annotations_dir)
     videos_dir = Path(videos_dir)
-    sources: dict[str, Path | None] = {}
+    sources: dict[str, tuple[Path | None, tuple[str, str] | None]] = {}
     candidates = []
     for clip in annotations.clips:
         if clip.video not in sources:
-            sources[clip.video] = _downloaded_video(videos_dir, clip.video)
-        source = sources[clip.video] or videos_dir / f"{clip.video}.mp4"
+            unsafe = name_problem(clip.video)
+            sources[clip.video] = (None, unsafe) if unsafe else _downloaded_video(videos_dir, clip.video)
+        found, problem = sources[clip.video]
+        # only a string for the table: never opened when the name was refused
+        source = found or videos_dir / f"{clip.video}.mp4"
         reject_reason, reject_detail = clip.reject_reason, clip.reject_detail
-        if reject_reason is None and sources[clip.video] is None:
+        if reject_reason is None and problem is not None:
+            reject_reason, reject_detail = problem
+        elif reject_reason is None and found is None:
             reject_reason, reject_detail = "missing_source", f"{source} not found (nor another video container)"
         candidates.append(Candidate(
             candidate_id=clip.clip_id, source=str(source), dataset=DATASET, start_s=clip.start_s,
@@ -500,13 +541,20 @@ def hdtf_candidates(annotations_dir: Path, videos_dir: Path) -> tuple[list[Candi
     return candidates, issues
 
 
-def _downloaded_video(videos_dir: Path, name: str) -> Path | None:
-    """``Name.mp4`` when present, else the first ``Name.<video container>`` in ``VIDEO_EXTENSIONS`` order."""
-    for extension in VIDEO_EXTENSIONS:  # .mp4 first
+def _downloaded_video(videos_dir: Path, name: str) -> tuple[Path | None, tuple[str, str] | None]:
+    """The first readable ``Name.<video container>`` in ``VIDEO_EXTENSIONS`` order (``.mp4`` first) as
+    ``(path, None)``; else ``(path, (reason, detail))`` for the first entry there that is not one (a broken link,
+    a directory, a link out of ``videos_dir``...); else ``(None, None)`` when there is no entry at all."""
+    first_problem: tuple[Path, tuple[str, str]] | None = None
+    for extension in VIDEO_EXTENSIONS:
         path = videos_dir / f"{name}{extension}"
-        if path.is_file():
-            return path
-    return None
+        if not os.path.lexists(path):
+            continue
+        problem = video_entry_problem(path, confine_to=videos_dir)
+        if problem is None:
+            return path, None
+        first_problem = first_problem or (path, problem)
+    return first_problem if first_problem else (None, None)
 
 
 def summarise_issues(issues: Iterable[AnnotationIssue]) -> dict[str, int]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from preprocess.face_models import detect_faces, mesh_landmarks, new_face_mesh
-from preprocess.media import FfmpegError, FfmpegTimeout, iter_rgb_frames
+from preprocess.media import FfmpegError, iter_rgb_frames
 from preprocess.records import CropBox, ProbeResult, Rejection
 from preprocess.settings import LocateSettings, MediaTimeouts
 
@@ -60,9 +60,7 @@ def survey_faces(
             if landmarks is not None:
                 xs, ys = landmarks[:, 0] * analysis_width, landmarks[:, 1] * analysis_height
                 mesh_boxes.append((xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()))
-    except FfmpegTimeout:
-        raise  # a slow or stuck decode is not a property of the clip: fail this attempt, cache no rejection
-    except FfmpegError as error:
+    except FfmpegError as error:  # a verdict on the input only: a timeout, a kill or a full disk propagates
         return Rejection("locate", "undecodable", str(error))
     finally:
         face_mesh.close()

@@ -12,8 +12,22 @@ Every external media tool the pipeline runs goes through :func:`run_tool` (run t
   is how the standardise stage counts decode errors over the clip (``ToolRun.log_lines``).
 * enforce a time limit, ``MediaTimeouts.limit_s(duration)`` = ``base_s + per_media_s x`` the seconds of media
   the call handles (base only when that is unknown or not the point, e.g. reading a container's header). A call
-  past its limit has its whole process group killed and raises :class:`FfmpegTimeout` (a :class:`FfmpegError`)
-  naming the call's purpose, the limit and the end of the tool's log.
+  past its limit has its whole process group killed and raises :class:`FfmpegTimeout` naming the call's purpose,
+  the limit and the end of the tool's log.
+* judge a failed run (:func:`check_tool_run`) by what it says about the *input*, because stages cache what they
+  conclude about content and a cached verdict is kept by every later run:
+
+  - the log says ``No space left on device``, ``Input/output error``, ``Cannot allocate memory`` (or a quota, a
+    read-only file system, too many open files), whatever the exit status (ffmpeg exits 0 after failing to
+    write a WAV trailer to a full disk): :class:`MediaEnvironmentError`, an ``OSError`` with that errno, which
+    ``preprocess.failures.is_environment_error`` recognises, so the run stops once, publishing nothing;
+  - killed by a signal (a negative exit status: the OOM killer's SIGKILL; ffmpeg's 255 after it caught
+    SIGTERM/SIGINT), a file it reads or writes missing (``No such file or directory``, or an expected output
+    absent after a zero exit), or past its time limit: a :class:`TransientMediaFailure`. It is *not* an
+    :class:`FfmpegError`, so no stage's ``except FfmpegError`` turns it into a cached rejection; the pipeline
+    records an uncached ``error`` for the clip and the next run retries it;
+  - any other non-zero exit: :class:`FfmpegError`, a deterministic verdict about the input that stages may
+    turn into a cached rejection (``encode_failed``, ``undecodable``, ...).
 
 The limits live in ``preprocess.settings.MediaTimeouts`` (one source of truth); every helper takes
 ``limits=`` to override them, ``None`` meaning the defaults.
@@ -22,6 +36,7 @@ The limits live in ``preprocess.settings.MediaTimeouts`` (one source of truth); 
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import os
 import re
@@ -53,10 +68,31 @@ _POLL_S = 0.25  # longest single wait on a tool's output
 
 
 class FfmpegError(RuntimeError):
-    """ffmpeg/ffprobe failed; the message names the call's purpose and carries the end of its stderr."""
+    """ffmpeg/ffprobe rejected its input (a non-zero exit that is not about the machine); the message names the
+    call's purpose and carries the end of its stderr. Stages may cache a rejection made from it."""
 
 
-class FfmpegTimeout(FfmpegError):
+class TransientMediaFailure(RuntimeError):
+    """A media tool failed for a reason that says nothing about the input: killed by a signal, past its time
+    limit, or a file it reads or writes vanished. Deliberately not an :class:`FfmpegError`: it must reach the
+    pipeline's guard (an uncached ``error`` for this run, retried by the next) instead of becoming a cached
+    rejection."""
+
+
+class MediaToolKilled(TransientMediaFailure):
+    """The tool was killed by a signal (e.g. SIGKILL from the kernel's OOM killer, or an operator)."""
+
+
+class MediaFileVanished(TransientMediaFailure):
+    """A file the call reads or writes is missing (deleted under the run, or never written despite a zero exit)."""
+
+
+class MediaEnvironmentError(OSError):
+    """The tool hit a failure of the machine (full disk, I/O error, out of memory), named by ``errno``: the run
+    stops (``preprocess.failures.is_environment_error``). Raised from the :class:`FfmpegError` carrying the log."""
+
+
+class FfmpegTimeout(TransientMediaFailure):
     """A media tool ran past its time limit and was killed (with its process group)."""
 
     def __init__(self, purpose: str, limit_s: float, log_tail: str) -> None:
@@ -73,6 +109,61 @@ def clean_ffmpeg_log(text: str) -> str:
     """Drop the memory addresses ffmpeg prints in its log prefixes (``[mov,mp4 @ 0x55...]``): they differ
     from run to run, and rejection details must be reproducible for re-runs to give identical tables."""
     return _LOG_CONTEXT_ADDRESS.sub("", text)
+
+
+# Messages (strerror texts, as ffmpeg prints them) of failures of the machine rather than of the input.
+_ENVIRONMENT_MESSAGES = (
+    ("No space left on device", errno.ENOSPC),
+    ("Disk quota exceeded", errno.EDQUOT),
+    ("Input/output error", errno.EIO),
+    ("Cannot allocate memory", errno.ENOMEM),
+    ("Read-only file system", errno.EROFS),
+    ("Too many open files", errno.EMFILE),
+)
+_FFMPEG_SIGNAL_EXIT = 255  # ffmpeg catches SIGINT/SIGTERM/SIGQUIT and exits 255; it exits 1 for any error
+
+
+def raise_for_environment(returncode: int, log: str, *, tool: str, purpose: str) -> None:
+    """Raise when a tool's run failed for a reason outside its input (see the module docstring): a
+    :class:`MediaEnvironmentError` for a machine failure named in the log (whatever the exit status), a
+    :class:`MediaToolKilled` for a signal, a :class:`MediaFileVanished` for a missing file. Returns for a
+    success or a failure about the input, which the caller judges."""
+    tail = log.strip()[-_MESSAGE_TAIL_CHARS:]
+    for message, number in _ENVIRONMENT_MESSAGES:
+        if message in log:
+            cause = FfmpegError(f"{purpose}: {tool} exited {returncode}: {tail}")
+            raise MediaEnvironmentError(
+                number, f"{purpose}: {tool} reports '{message}' ({errno.errorcode.get(number, number)}): the "
+                        f"machine, not the input, failed; free disk space / memory or fix the device and run again. "
+                        f"Its log: {tail}") from cause
+    if returncode < 0 or (returncode == _FFMPEG_SIGNAL_EXIT and tool == "ffmpeg"):
+        how = f"signal {-returncode} ({_signal_name(-returncode)})" if returncode < 0 else "a signal it caught"
+        raise MediaToolKilled(f"{purpose}: {tool} was killed by {how}, e.g. the out-of-memory killer; not a "
+                              f"verdict on the input, the next run retries it. Its last output: "
+                              f"{tail or '(nothing logged)'}")
+    if returncode != 0 and "No such file or directory" in log:
+        raise MediaFileVanished(f"{purpose}: a file {tool} reads or writes is missing (deleted while the run "
+                                f"was using it?); the next run retries it. Its log: {tail}")
+
+
+def check_tool_run(run: ToolRun, *, tool: str, purpose: str, outputs: Sequence[Path | str] = ()) -> None:
+    """Raise unless ``run`` succeeded and wrote every file in ``outputs``: :func:`raise_for_environment`'s
+    errors first, then :class:`FfmpegError` for a non-zero exit (a verdict on the input), then
+    :class:`MediaFileVanished` for an expected output missing after a zero exit."""
+    raise_for_environment(run.returncode, run.log, tool=tool, purpose=purpose)
+    if run.returncode != 0:
+        raise FfmpegError(f"{purpose}: {tool} exited {run.returncode}: {run.log_tail()}")
+    missing = [str(path) for path in outputs if not Path(path).exists()]
+    if missing:
+        raise MediaFileVanished(f"{purpose}: {tool} exited 0 but {', '.join(missing)} is missing (deleted while "
+                                f"the run was writing it?); the next run retries it")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"
 
 
 def media_limits(limits: MediaTimeouts | None = None) -> MediaTimeouts:
@@ -193,7 +284,7 @@ def run_tool(
     command: Sequence[object], *, purpose: str, timeout_s: float, capture_stdout: bool = False
 ) -> ToolRun:
     """Run ``command`` to completion within ``timeout_s`` seconds of wall clock; never raises for a non-zero
-    exit (the caller judges ``returncode`` and ``log``). Raises :class:`FfmpegTimeout` past the limit and
+    exit (the caller judges ``returncode`` and ``log``, e.g. with :func:`check_tool_run`). Raises :class:`FfmpegTimeout` past the limit and
     ``RuntimeError`` when the tool is not installed."""
     started = time.monotonic()
     process, drain = _start(command, stdin=subprocess.DEVNULL,
@@ -217,14 +308,14 @@ def run_tool(
 
 def run_ffmpeg(
     args: Sequence[object], *, purpose: str = "ffmpeg", media_duration_s: float | None = None,
-    limits: MediaTimeouts | None = None,
+    limits: MediaTimeouts | None = None, outputs: Sequence[Path | str] = (),
 ) -> ToolRun:
-    """``ffmpeg -v error -y <args>``; raises :class:`FfmpegError` on a non-zero exit, :class:`FfmpegTimeout`
-    past ``limits.limit_s(media_duration_s)`` (the seconds of media the call decodes or writes)."""
+    """``ffmpeg -v error -y <args>``, judged by :func:`check_tool_run` (``outputs``: the files it must have
+    written); :class:`FfmpegTimeout` past ``limits.limit_s(media_duration_s)`` (the seconds of media the call
+    decodes or writes)."""
     timeout_s = media_limits(limits).limit_s(media_duration_s)
     result = run_tool([*FFMPEG_PREFIX, *args], purpose=purpose, timeout_s=timeout_s)
-    if result.returncode != 0:
-        raise FfmpegError(f"{purpose}: ffmpeg exited {result.returncode}: {result.log_tail()}")
+    check_tool_run(result, tool="ffmpeg", purpose=purpose, outputs=outputs)
     return result
 
 
@@ -232,11 +323,10 @@ def run_ffprobe(
     args: Sequence[object], *, purpose: str, media_duration_s: float | None = None,
     limits: MediaTimeouts | None = None,
 ) -> ToolRun:
-    """``ffprobe -v error <args>`` with stdout captured; raises :class:`FfmpegError` on a non-zero exit."""
+    """``ffprobe -v error <args>`` with stdout captured, judged by :func:`check_tool_run`."""
     timeout_s = media_limits(limits).limit_s(media_duration_s)
     result = run_tool([*FFPROBE_PREFIX, *args], purpose=purpose, timeout_s=timeout_s, capture_stdout=True)
-    if result.returncode != 0:
-        raise FfmpegError(f"{purpose}: ffprobe exited {result.returncode}: {result.log_tail()}")
+    check_tool_run(result, tool="ffprobe", purpose=purpose)
     return result
 
 
@@ -309,8 +399,8 @@ def stream_stdout(
         finished = True
     finally:
         _finish(process, drain)  # kills it when the consumer stopped early or an error left the loop
-    if finished and returncode != 0:
-        raise FfmpegError(f"{purpose}: {command[0]} exited {returncode}: {drain.tail_text()}")
+    if finished:
+        _judge(returncode, drain, command, purpose)
 
 
 @contextmanager
@@ -344,8 +434,16 @@ def feed_stdin(command: Sequence[object], *, purpose: str, timeout_s: float) -> 
         _finish(process, drain)
     if expired.is_set():
         raise FfmpegTimeout(purpose, timeout_s, drain.tail_text())
+    _judge(returncode, drain, command, purpose)
+
+
+def _judge(returncode: int, drain: _LogDrain, command: Sequence[object], purpose: str) -> None:
+    """:func:`check_tool_run` for a streamed call (no ToolRun): environment, signal and missing-file failures
+    first, then :class:`FfmpegError` for a non-zero exit."""
+    tool = Path(str(command[0])).name
+    raise_for_environment(returncode, drain.text(), tool=tool, purpose=purpose)
     if returncode != 0:
-        raise FfmpegError(f"{purpose}: {command[0]} exited {returncode}: {drain.tail_text()}")
+        raise FfmpegError(f"{purpose}: {tool} exited {returncode}: {drain.tail_text()}")
 
 
 def iter_rgb_frames(

@@ -10,10 +10,16 @@ Rejection reasons (stable codes, roughly in the order they are checked; ``detail
 ``file_not_found``   the path does not exist.
 ``empty_file``       the file has 0 bytes.
 ``unreadable``       ffprobe cannot parse the file (garbage bytes, unknown format, not a regular file,
-                     permission denied, ffprobe ran past its time limit).
-``no_video_stream``  no video stream (audio-only files; cover art / attached pictures do not count).
-``zero_duration``    neither the container nor the video stream states a positive duration (still
-                     images, single-frame files).
+                     permission denied).
+``no_video_stream``  no video stream at all (audio-only files without a picture).
+``still_image``      a picture, not a video: an image file (PNG, JPEG, ... read by an image demuxer, whatever
+                     its extension), a file whose only picture is an attached one (cover art), or a video stream
+                     of a single frame (``nb_frames`` 1, or one video packet in a file read to its end).
+``zero_duration``    neither the container nor the video stream states a positive duration (single-frame
+                     files without a duration; checked before the single-frame ``still_image``).
+``unknown_frame_rate``  the video stream states no usable frame rate: the stated average rate and base rate
+                     (``avg_frame_rate``, ``r_frame_rate``), else the packet timestamps, else frames over duration,
+                     give none of at least ``MIN_FPS`` (``0/0``, ``1/0``: an mp4 whose sample durations are 0).
 ``no_audio_stream``  a video without any audio stream.
 ``truncated``        the file ends before its stated duration: an mp4 whose ``moov`` index is missing
                      (download cut off before the index was written), or the container parses but no
@@ -25,7 +31,7 @@ Notes (``ProbeResult.notes``, benign facts worth recording, in this order):
 ``rotated_90``/``rotated_180``/``rotated_270``, ``rotation_not_multiple_of_90``, ``variable_frame_rate``,
 ``10_bit`` (any depth other than 8: ``<n>_bit``), ``odd_size``, ``non_square_pixels``, ``interlaced``,
 ``extra_video_tracks``, ``extra_audio_tracks``, ``extra_streams`` (subtitles, data, attachments, cover art),
-``unknown_frame_rate``, ``decode_warnings`` (a frame decoded but the decoder logged errors),
+``decode_warnings`` (a frame decoded but the decoder logged errors),
 ``end_not_decoded`` (no frame decoded after seeking near the end, but the demuxer delivers packets there:
 an index-less container such as MPEG-TS seeks to any packet, and without a keyframe after it nothing
 decodes; the file is not short).
@@ -52,8 +58,11 @@ The rate check sees the whole file but misses mild jitter (phones: r=30, avg=29.
 sees jitter but only at the start. Both are cheap.
 
 Every ffprobe/ffmpeg call goes through ``preprocess.media.run_tool`` (stderr drained while it runs) with the base
-time limit of ``MediaTimeouts`` (none of them reads more than a few hundred packets or one GOP); a decode check
-past its limit counts as "no frame decoded".
+time limit of ``MediaTimeouts`` (none of them reads more than a few hundred packets or one GOP). A rejection is
+cached, so only verdicts about the file are returned: a call past its limit (``FfmpegTimeout``), killed by a
+signal or missing its file raises a ``preprocess.media.TransientMediaFailure`` (the clip's uncached ``error``,
+retried next run), and a full disk or I/O error an ``OSError`` that stops the run
+(``preprocess.media.raise_for_environment``).
 """
 
 from __future__ import annotations
@@ -67,7 +76,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from preprocess.media import FfmpegTimeout, ToolRun, clean_ffmpeg_log, media_limits, run_tool
+from preprocess.media import ToolRun, clean_ffmpeg_log, media_limits, raise_for_environment, run_tool
 from preprocess.records import ProbeResult, Rejection
 
 if TYPE_CHECKING:
@@ -80,7 +89,9 @@ REASONS = (
     "empty_file",
     "unreadable",
     "no_video_stream",
+    "still_image",
     "zero_duration",
+    "unknown_frame_rate",
     "no_audio_stream",
     "truncated",
     "undecodable",
@@ -93,6 +104,7 @@ _PACKETS_READ = 400  # packets (all streams) whose timestamps the ffprobe call r
 _RATE_TOLERANCE = 0.01
 _ISO_BOXES = {b"ftyp", b"mdat", b"moov", b"free", b"skip", b"wide", b"pnot", b"uuid"}  # mp4/mov first boxes
 _STDERR_KEEP = 600  # characters of tool stderr kept in a rejection's detail
+MIN_FPS = 1.0  # below this a "video" shows one picture for more than a second: its rate is not a real one
 
 
 class FFprobeError(RuntimeError):
@@ -110,8 +122,13 @@ def _input_url(path: Path) -> str:
 
 def _run(command: Sequence[str], purpose: str, limits: MediaTimeouts | None) -> ToolRun:
     """Run a header read or a one-frame decode under the base time limit (its length does not scale with the
-    file's). Raises ``FfmpegTimeout`` past it."""
-    return run_tool(command, purpose=purpose, timeout_s=media_limits(limits).limit_s(None), capture_stdout=True)
+    file's). Raises ``FfmpegTimeout`` past it, and ``raise_for_environment``'s errors for a run that failed
+    for reasons outside the file (a signal, a full disk, the file vanishing): none of those may become a
+    cached rejection."""
+    completed = run_tool(command, purpose=purpose, timeout_s=media_limits(limits).limit_s(None),
+                         capture_stdout=True)
+    raise_for_environment(completed.returncode, completed.log, tool=command[0], purpose=purpose)
+    return completed
 
 
 def ffprobe_json(
@@ -119,8 +136,8 @@ def ffprobe_json(
 ) -> dict:
     """``ffprobe -show_streams -show_format -of json`` of ``path`` as a dict (``extra_args`` are added).
 
-    Raises :class:`FFprobeError` when ffprobe fails or prints no JSON, ``preprocess.media.FfmpegTimeout`` past
-    the base time limit of ``limits``.
+    Raises :class:`FFprobeError` when ffprobe rejects the file or prints no JSON, ``preprocess.media.FfmpegTimeout``
+    past the base time limit of ``limits`` (and see :func:`_run`).
     """
     command = [FFPROBE, "-v", "error", "-hide_banner", "-show_streams", "-show_format", *extra_args,
                "-of", "json", _input_url(Path(path))]
@@ -153,11 +170,9 @@ def probe_video(
         return _reject("unreadable", f"{path}: {error}")
 
     try:
+        # a timeout propagates: a slow machine is no verdict on the file (the next run retries it)
         info = ffprobe_json(path, extra_args=[
             "-show_entries", "packet=stream_index,pts,dts", "-read_intervals", f"%+#{_PACKETS_READ}"], limits=limits)
-    except FfmpegTimeout as error:
-        return _reject("unreadable", f"ffprobe ran past its time limit of {error.limit_s:.0f} s: "
-                                     f"{_tail(error.log_tail) or 'nothing logged'}")
     except FFprobeError as error:
         if "moov atom not found" in error.stderr and head[4:8] in _ISO_BOXES:
             # a real mp4/mov (it starts with an ISO box) whose index was never written: typically a
@@ -170,7 +185,12 @@ def probe_video(
     video = [s for s in streams if s.get("codec_type") == "video" and not _is_attached_picture(s)]
     audio = [s for s in streams if s.get("codec_type") == "audio"]
     others = [s for s in streams if s not in video and s not in audio]
+    format_name = str(fmt.get("format_name") or "")
+    if format_name == "image2" or format_name.endswith("_pipe"):  # ffmpeg's image demuxers (png_pipe, ...)
+        return _reject("still_image", f"an image file ({format_name}), not a video")
     if not video:
+        if any(_is_attached_picture(s) for s in streams):
+            return _reject("still_image", "the only picture is an attached one (cover art), not a video stream")
         kinds = ", ".join(sorted({str(s.get("codec_type")) for s in streams})) or "none"
         return _reject("no_video_stream", f"no video stream (streams: {kinds})")
     v = video[0]
@@ -179,6 +199,20 @@ def probe_video(
     if not duration > 0:
         return _reject("zero_duration", f"no positive duration (format: {fmt.get('duration')!r}, "
                                         f"stream: {v.get('duration')!r})")
+    packets = info.get("packets") or []
+    stream_times = [_int(p.get("pts"), _int(p.get("dts"))) for p in packets if p.get("stream_index") == v.get("index")]
+    # one video packet counts only when ffprobe read the whole file (fewer packets than it was asked for)
+    if _int(v.get("nb_frames")) == 1 or (len(stream_times) == 1 and len(packets) < _PACKETS_READ):
+        return _reject("still_image", f"the video stream holds a single picture ({v.get('codec_name')}) for "
+                                      f"{duration:.2f} s")
+    timestamps = [t for t in stream_times if t is not None]
+    r_rate, avg_rate = _rate(v.get("r_frame_rate")), _rate(v.get("avg_frame_rate"))
+    # the stated rates first; a derived one only when the container states none
+    fps = avg_rate or r_rate or _fps_from_timestamps(timestamps, v) or _fps_from_count(v, duration)
+    if not fps >= MIN_FPS:
+        return _reject("unknown_frame_rate", f"no usable frame rate: r_frame_rate {v.get('r_frame_rate')!r}, "
+                                             f"avg_frame_rate {v.get('avg_frame_rate')!r}, taken as {fps:.3g} fps "
+                                             f"(at least {MIN_FPS:g} expected)")
     if not audio:
         return _reject("no_audio_stream", "the video has no audio stream")
     a = audio[0]
@@ -190,16 +224,9 @@ def probe_video(
     if raw_rotation is not None and abs(raw_rotation - round(raw_rotation / 90) * 90) > 1:
         notes.append("rotation_not_multiple_of_90")
 
-    stream_times = [_int(p.get("pts"), _int(p.get("dts"))) for p in info.get("packets") or []
-                    if p.get("stream_index") == v.get("index")]
-    timestamps = [t for t in stream_times if t is not None]
-    r_rate, avg_rate = _rate(v.get("r_frame_rate")), _rate(v.get("avg_frame_rate"))
     vfr = _rates_disagree(r_rate, avg_rate) or timestamps_irregular(timestamps)
     if vfr:
         notes.append("variable_frame_rate")
-    fps = avg_rate or r_rate or _fps_from_count(v, duration) or _fps_from_timestamps(timestamps, v)
-    if not fps:
-        notes.append("unknown_frame_rate")
 
     pix_fmt = v.get("pix_fmt") or ""
     bit_depth = _bit_depth(pix_fmt, v.get("bits_per_raw_sample"))
@@ -235,7 +262,7 @@ def probe_video(
         width=width,
         height=height,
         rotation=rotation,
-        fps=float(fps or 0.0),
+        fps=float(fps),
         variable_frame_rate=vfr,
         duration_s=duration,
         pix_fmt=pix_fmt,
@@ -314,10 +341,8 @@ def _decode_one_frame(
     if at_s > 0:
         command += ["-ss", f"{at_s:.3f}"]
     command += ["-i", _input_url(path), "-map", f"0:{stream_index}", "-frames:v", "1", "-f", "framecrc", "-"]
-    try:
-        completed = _run(command, f"decoding one frame of {path} at {at_s:.3f} s", limits)
-    except FfmpegTimeout as error:
-        return False, f"decoding ran past its time limit of {error.limit_s:.0f} s\n{error.log_tail}"
+    # a timeout propagates (see _run): "no frame in time" on a busy machine is no verdict on the file
+    completed = _run(command, f"decoding one frame of {path} at {at_s:.3f} s", limits)
     stdout = completed.stdout.decode("utf-8", errors="replace")
     frames = [line for line in stdout.splitlines() if line.strip() and not line.startswith("#")]
     stderr = completed.log
@@ -336,7 +361,7 @@ def _packets_reach(
     try:
         completed = _run(command, f"reading the packets of {path} after {at_s:.3f} s", limits)
         packets = json.loads(completed.stdout.decode("utf-8", errors="replace") or "{}").get("packets") or []
-    except (FfmpegTimeout, json.JSONDecodeError):
+    except json.JSONDecodeError:
         return False
     times = (_float(p.get("pts_time")) or _float(p.get("dts_time")) for p in packets)
     return any(t is not None and t >= at_s - 0.1 for t in times)

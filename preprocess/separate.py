@@ -84,7 +84,8 @@ def demucs_input(source: str, start_s: float, duration_s: float, model,
             *seek, "-t", f"{duration_s:.6f}", "-i", source, "-map", "0:a:0",
             "-af", f"aresample={rate}:async=1:first_pts=0,aformat=channel_layouts={layouts}",
             "-c:a", "pcm_f32le", decoded,
-        ], purpose=f"decoding the audio of {source} for separation", media_duration_s=duration_s, limits=limits)
+        ], purpose=f"decoding the audio of {source} for separation", media_duration_s=duration_s, limits=limits,
+            outputs=(decoded,))
         audio, decoded_rate = soundfile.read(decoded, dtype="float32", always_2d=True)  # (N, source channels)
     if decoded_rate != rate:
         raise RuntimeError(f"ffmpeg decoded {source} at {decoded_rate} Hz, asked for {rate} Hz")

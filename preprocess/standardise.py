@@ -14,9 +14,14 @@ and speech stay aligned frame for frame. Gaps inside the audio are filled with s
 Decode errors: this stage decodes the clip's whole range anyway, so it counts the error lines ffmpeg logs while
 doing it (probe decodes only near both ends of the file and cannot see damage in the middle). More than
 ``max_decode_errors`` rejects the clip ``decode_errors`` (detail: the count and the first line); fewer keep it with
-the note ``decode_errors:<n>``. The encode has a time limit (``MediaTimeouts``, scaled to the clip's duration);
-past it ``FfmpegTimeout`` propagates (the clip fails with ``error`` for this run and is retried on the next one,
-since a slow machine is not a property of the clip).
+the note ``decode_errors:<n>``.
+
+Only verdicts about the input are returned as rejections (and so cached): ``encode_failed`` is ffmpeg exiting
+with an error on this input. A failure that is not the clip's (``preprocess.media.check_tool_run``) propagates
+instead: past the encode's time limit (``MediaTimeouts``, scaled to the clip's duration), ffmpeg killed by a
+signal (the OOM killer), an output missing after the encode: a ``TransientMediaFailure``, so the clip fails with
+an uncached ``error`` for this run and the next run retries it; a full disk, an I/O error or no memory: an
+``OSError`` with that errno, which stops the run (``preprocess.failures``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import numpy as np
 import pyloudnorm
 import soundfile
 
-from preprocess.media import FfmpegError, FfmpegTimeout, count_video_frames, run_ffmpeg
+from preprocess.media import FfmpegError, count_video_frames, run_ffmpeg
 from preprocess.records import CropBox, Rejection
 from preprocess.settings import MediaTimeouts, StandardiseSettings
 
@@ -78,11 +83,9 @@ def standardise_clip(
             "-ac", "1", "-ar", str(settings.sample_rate), "-c:a", "pcm_s16le",
             str(raw_audio_path),
         ], purpose=f"standardising the clip from {start_s:.3f} s for {duration_s:.3f} s",
-            media_duration_s=duration_s, limits=limits)
+            media_duration_s=duration_s, limits=limits, outputs=(video_path, raw_audio_path))
         n_frames = count_video_frames(video_path, limits=limits)
-    except FfmpegTimeout:
-        raise  # not the clip's fault as far as we know: fail this run's attempt, do not cache a rejection
-    except FfmpegError as error:
+    except FfmpegError as error:  # only a verdict on the input: timeouts, kills and a full disk are not FfmpegErrors
         return Rejection("standardise", "encode_failed", str(error))
     # with -v error every line ffmpeg logged is an error, and the encoder side does not log on success: these
     # are the decoder's and demuxer's complaints about the source over the clip's whole range

@@ -10,23 +10,36 @@ so that it is byte-identical from run to run), and one row each in ``transcripts
 ``va_windows``; and the visual stages' outputs: ``aus.npy`` (one row per frame in ``action_units``),
 ``clip_text.npy`` (the description's CLIP text embedding; the text in ``descriptions``) and, when enabled,
 ``latents.npy``. With tiny models the summary says loudly that those numbers mean nothing.
+
+Publishing is one run-level commit (``publish_outputs``): ``publishing.json`` first, then the shards, then the
+tables, then ``summary.json`` (what was committed), then the marker is removed. Every per-clip step that can fail
+(assembling a sample, reading a stage's arrays, the shard schema's checks) runs before the first write, and a clip
+that fails it is a rejection row (``duplicate_id``, ``invalid_sample``, ``error`` at stage ``write``), never a
+crash of the run after all its work.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import os
+import socket
+import time
 import zipfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from preprocess.action_units import GeometricAUs
 from preprocess.faces import LANDMARKS_FILE, POSE_FILE
+from preprocess.failures import is_environment_error
 from preprocess.pipeline import AUDIO_STAGES, VISUAL_STAGES, PieceOutcome
-from preprocess.records import AnnotationIssue
+from preprocess.records import AnnotationIssue, Rejection
 from preprocess.settings import PreprocessSettings
 from preprocess.stage_models import is_tiny_reference
 from preprocess.standardise import AUDIO_FILE, VIDEO_FILE
@@ -42,6 +55,7 @@ from shards.schema import (
     SCHEMA_VERSION,
     VOCALS_MEMBER,
     WAV2VEC_MEMBER,
+    encode_json,
 )
 from shards.tables import (
     ACTION_UNITS_TABLE,
@@ -52,10 +66,13 @@ from shards.tables import (
     DESCRIPTIONS_SCHEMA,
     DESCRIPTIONS_TABLE,
     KEPT,
+    PUBLISHING_MARKER,
     REJECTED,
+    SHARDS_DIR,
     SPEECH_EMOTION_TABLE,
     STAGE_TIMINGS_SCHEMA,
     STAGE_TIMINGS_TABLE,
+    SUMMARY_FILE,
     TABLES_DIR,
     TEXT_EMOTION_SCHEMA,
     TEXT_EMOTION_TABLE,
@@ -64,12 +81,14 @@ from shards.tables import (
     VA_WINDOWS_SCHEMA,
     VA_WINDOWS_TABLE,
     action_units_schema,
+    committed_state,
+    remove_table_leftovers,
     speech_emotion_schema,
     write_table_atomic,
 )
-from shards.writer import ShardSample, write_shards
+from shards.writer import ShardSample, check_samples, fsync_path, write_atomically, write_shards
 
-SHARDS_DIR = "shards"
+log = logging.getLogger(__name__)
 PIECE_STAGES = ("cut", *AUDIO_STAGES, *VISUAL_STAGES)  # stages timed per piece (clip id), not per candidate
 TINY_MODELS_WARNING = ("TINY RANDOM MODELS: transcripts, emotions, valence/arousal, wav2vec features, descriptions, "
                        "their embeddings and latents in these outputs MEAN NOTHING (profile 'tiny' exercises the "
@@ -372,37 +391,118 @@ def clip_row(outcome: PieceOutcome, settings: PreprocessSettings, shard_of: dict
     return row
 
 
+def _outcome_order(outcome: PieceOutcome) -> tuple:
+    """Clip id first (shards and tables are sorted by it); source, start and piece break ties between duplicate
+    ids, so that which duplicate counts as "the later one" does not depend on which worker finished first."""
+    candidate = outcome.job.candidate
+    return outcome.clip_id, candidate.source, candidate.start_s, outcome.piece_index
+
+
+@dataclass
+class _KeptClip:
+    """Everything a kept clip contributes to the shards and tables, assembled before anything is written."""
+
+    sample: ShardSample
+    audio: tuple[dict, dict, dict, list[dict]]
+    visual: tuple[list[dict], dict | None]
+
+
+def _assemble(outcome: PieceOutcome, settings: PreprocessSettings) -> _KeptClip:
+    files = Path(outcome.files_dir)
+    metadata = clip_metadata(outcome, settings)
+    feature_keys = ":".join(outcome.features[stage]["key"] for stage in (*AUDIO_STAGES, *VISUAL_STAGES)
+                            if stage in outcome.features)
+    sample = ShardSample(
+        clip_id=outcome.clip_id,
+        members={
+            "mp4": files / VIDEO_FILE,
+            "wav": files / AUDIO_FILE,
+            "landmarks.npy": files / LANDMARKS_FILE,
+            "pose.npy": files / POSE_FILE,
+            "json": json.dumps(metadata, sort_keys=True).encode(),
+            **audio_members(outcome),
+            **visual_members(outcome),
+        },
+        content_key=f"{outcome.content_key}:{feature_keys}:{json.dumps(metadata, sort_keys=True)}",
+    )
+    check_samples([sample])
+    for value in sample.members.values():
+        if isinstance(value, Path) and not value.is_file():  # a cached output gone since its stage ran
+            raise FileNotFoundError(f"{value} (member of {outcome.clip_id}) is missing")
+    return _KeptClip(sample, audio_rows(outcome), visual_rows(outcome, settings.standardise.fps))
+
+
+def _assemble_kept(outcomes: list[PieceOutcome], settings: PreprocessSettings
+                   ) -> tuple[list[PieceOutcome], dict[str, _KeptClip]]:
+    """Assemble every kept clip's sample and rows; a clip that cannot be is rejected here, never the run.
+
+    By the time this runs, all the stage work is done: one clip with a repeated id (discovery de-duplicates, this
+    is the safety net), a sample the shard schema refuses (``shards.writer.check_samples``) or a stage output that
+    cannot be read must not throw that work away. The first outcome of an id wins; a later kept one is rejected
+    ``duplicate_id``; a refused sample ``invalid_sample``; an unreadable output ``error`` (not cached: the next run
+    retries it). Environment failures (a full disk, ...) still stop the run."""
+    seen: set[str] = set()
+    screened, kept = [], {}
+    for outcome in outcomes:
+        if outcome.kept and outcome.clip_id in seen:
+            outcome = replace(outcome, rejection=Rejection(
+                "write", "duplicate_id", f"clip id {outcome.clip_id!r} already taken by an earlier clip; this one "
+                f"comes from {outcome.job.candidate.source} at {outcome.job.candidate.start_s} s"))
+        elif outcome.kept:
+            try:
+                kept[outcome.clip_id] = _assemble(outcome, settings)
+            except ValueError as error:
+                outcome = replace(outcome, rejection=Rejection("write", "invalid_sample", str(error)[:500]))
+            except Exception as error:
+                if is_environment_error(error):
+                    raise
+                outcome = replace(outcome, rejection=Rejection(
+                    "write", "error", f"{type(error).__name__}: {error}"[:500]))
+            if outcome.rejection is not None:
+                log.warning("%s: not published: %s: %s", outcome.clip_id, outcome.rejection.reason,
+                            outcome.rejection.detail)
+        seen.add(outcome.clip_id)
+        screened.append(outcome)
+    return screened, kept
+
+
 def write_outputs(
     outcomes: list[PieceOutcome], issues: list[AnnotationIssue], settings: PreprocessSettings, out_dir: Path
 ) -> RunSummary:
+    """Write the shards, then the tables, from the finished outcomes; returns the run's summary.
+
+    Every per-clip step that can fail runs before the first write (``_assemble_kept``), so a bad clip becomes a
+    rejection row instead of a half-written output. Call it under the out_dir's lock (it removes temp files)."""
     out_dir = Path(out_dir)
-    outcomes = sorted(outcomes, key=lambda outcome: outcome.clip_id)
-    kept = [outcome for outcome in outcomes if outcome.kept]
-    samples = []
-    for outcome in kept:
-        files = Path(outcome.files_dir)
-        metadata = clip_metadata(outcome, settings)
-        feature_keys = ":".join(outcome.features[stage]["key"] for stage in (*AUDIO_STAGES, *VISUAL_STAGES)
-                                if stage in outcome.features)
-        samples.append(ShardSample(
-            clip_id=outcome.clip_id,
-            members={
-                "mp4": files / VIDEO_FILE,
-                "wav": files / AUDIO_FILE,
-                "landmarks.npy": files / LANDMARKS_FILE,
-                "pose.npy": files / POSE_FILE,
-                "json": json.dumps(metadata, sort_keys=True).encode(),
-                **audio_members(outcome),
-                **visual_members(outcome),
-            },
-            content_key=f"{outcome.content_key}:{feature_keys}:{json.dumps(metadata, sort_keys=True)}",
-        ))
+    outcomes, assembled = _assemble_kept(sorted(outcomes, key=_outcome_order), settings)
+    kept = [outcome for outcome in outcomes if outcome.kept and outcome.clip_id in assembled]
+    samples = [assembled[outcome.clip_id].sample for outcome in kept]
     shards_dir = out_dir / SHARDS_DIR
     manifests = write_shards(samples, shards_dir, max_samples_per_shard=settings.shards.max_samples_per_shard,
                              max_bytes_per_shard=settings.shards.max_bytes_per_shard)
     shard_of = {clip_id: manifest.tar_name for manifest in manifests for clip_id in manifest.clip_ids}
+    write_tables(outcomes, kept, assembled, issues, settings, out_dir, shard_of)
+    visual = [assembled[outcome.clip_id].visual for outcome in kept]
+    tiny = tiny_model_stages(settings)
+    reasons = Counter(outcome.rejection.reason for outcome in outcomes if outcome.rejection)
+    return RunSummary(
+        out_dir=str(out_dir), shards_dir=str(shards_dir), tables_dir=str(out_dir / TABLES_DIR),
+        n_clips=len(outcomes), n_kept=len(kept), n_rejected=len(outcomes) - len(kept),
+        kept_seconds=round(sum(outcome.stats.duration_s for outcome in kept), 2),
+        reasons=dict(reasons), n_shards=len(manifests), n_annotation_issues=len(issues),
+        models=model_refs(settings),
+        n_with_speech=sum(1 for outcome in kept if outcome.features["separate"]["has_speech"]),
+        n_described=sum(1 for _, row in visual if row and row["status"] == "ok"),
+        warning=f"{TINY_MODELS_WARNING} (stages: {', '.join(tiny)})" if tiny else None,
+    )
 
+
+def write_tables(outcomes: list[PieceOutcome], kept: list[PieceOutcome], assembled: dict[str, _KeptClip],
+                 issues: list[AnnotationIssue], settings: PreprocessSettings, out_dir: Path,
+                 shard_of: dict[str, str]) -> None:
+    """Every table, each written atomically; temp files of an interrupted earlier write are removed first."""
     tables_dir = out_dir / TABLES_DIR
+    remove_table_leftovers(tables_dir)
     write_table_atomic([clip_row(outcome, settings, shard_of) for outcome in outcomes], CLIPS_SCHEMA,
                        tables_dir / CLIPS_TABLE, ["clip_id"])
     timing_rows, seen_jobs = [], set()
@@ -417,7 +517,7 @@ def write_outputs(
                        ["candidate_id", "stage"])
     write_table_atomic([vars(issue) for issue in issues], ANNOTATION_ISSUES_SCHEMA,
                        tables_dir / ANNOTATION_ISSUES_TABLE, ["file", "line", "kind", "subject"])
-    rows = [audio_rows(outcome) for outcome in kept]
+    rows = [assembled[outcome.clip_id].audio for outcome in kept]
     write_table_atomic([row[0] for row in rows], TRANSCRIPTS_SCHEMA, tables_dir / TRANSCRIPTS_TABLE, ["clip_id"])
     write_table_atomic([row[1] for row in rows], TEXT_EMOTION_SCHEMA, tables_dir / TEXT_EMOTION_TABLE, ["clip_id"])
     labels = tuple(kept[0].features["speech_emotion"]["labels"]) if kept else ()
@@ -425,22 +525,39 @@ def write_outputs(
                        ["clip_id"])
     write_table_atomic([window for row in rows for window in row[3]], VA_WINDOWS_SCHEMA,
                        tables_dir / VA_WINDOWS_TABLE, ["clip_id", "window_index"])
-    visual = [visual_rows(outcome, settings.standardise.fps) for outcome in kept]
+    visual = [assembled[outcome.clip_id].visual for outcome in kept]
     au_names = tuple(kept[0].features["action_units"]["au_names"]) if kept else ()
     write_table_atomic([row for au_rows, _ in visual for row in au_rows], action_units_schema(au_names),
                        tables_dir / ACTION_UNITS_TABLE, ["clip_id", "frame"])
     write_table_atomic([row for _, row in visual if row], DESCRIPTIONS_SCHEMA, tables_dir / DESCRIPTIONS_TABLE,
                        ["clip_id"])
-    tiny = tiny_model_stages(settings)
 
-    reasons = Counter(outcome.rejection.reason for outcome in outcomes if outcome.rejection)
-    return RunSummary(
-        out_dir=str(out_dir), shards_dir=str(shards_dir), tables_dir=str(tables_dir),
-        n_clips=len(outcomes), n_kept=len(kept), n_rejected=len(outcomes) - len(kept),
-        kept_seconds=round(sum(outcome.stats.duration_s for outcome in kept), 2),
-        reasons=dict(reasons), n_shards=len(manifests), n_annotation_issues=len(issues),
-        models=model_refs(settings),
-        n_with_speech=sum(1 for outcome in kept if outcome.features["separate"]["has_speech"]),
-        n_described=sum(1 for _, row in visual if row and row["status"] == "ok"),
-        warning=f"{TINY_MODELS_WARNING} (stages: {', '.join(tiny)})" if tiny else None,
-    )
+
+def publish_outputs(outcomes: list[PieceOutcome], issues: list[AnnotationIssue], settings: PreprocessSettings,
+                    out_dir: Path, *, run_id: str, extra: dict[str, Any]) -> tuple[RunSummary, dict[str, Any]]:
+    """The run-level commit: marker, shards, tables, ``summary.json`` last, marker removed.
+
+    Returns the run's summary and what ``summary.json`` now holds (the summary plus ``extra``, run id, status and
+    the committed state).
+
+    ``publishing.json`` (run id, pid, host, start time) exists exactly while shards, tables and summary may
+    disagree; ``summary.json`` is replaced atomically, last, and records what was committed
+    (``shards.tables.committed_state``: index.json's sha256 and shard list, rows per table) with status
+    ``complete``. A kill anywhere in between leaves the marker and a summary that no longer matches, which
+    ``shards.validate.validate_output`` reports; the next run redoes the publish. Call under the out_dir's lock."""
+    out_dir = Path(out_dir)
+    marker = out_dir / PUBLISHING_MARKER
+    started = time.time()
+    write_atomically(marker, encode_json({"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(),
+                                          "started": started, "started_at": _iso(started)}))
+    summary = write_outputs(outcomes, issues, settings, out_dir)
+    record = {**json.loads(json.dumps(vars(summary))), **extra, "run_id": run_id, "status": "complete",
+              "finished_at": _iso(time.time()), "committed": committed_state(out_dir)}
+    write_atomically(out_dir / SUMMARY_FILE, encode_json(record))
+    marker.unlink()
+    fsync_path(out_dir)
+    return summary, record
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).isoformat(timespec="seconds")

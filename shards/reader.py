@@ -19,6 +19,20 @@ or with ``collate_clips``, which pads to the longest clip in the batch.
 
 A sample that fails to decode is skipped, logged and counted in ``dataset.skipped`` (shared with
 DataLoader workers), never fatal.
+
+Verified reads (``verify``): when a local shard ``shard-NNNNNN.tar`` is opened, its manifest
+``shard-NNNNNN.json`` next to it is read first. With ``verify="sha256"`` (the default) the tar is hashed
+before any of it is streamed (from the same open file, so what is hashed is what is read); a tar whose size or
+hash is not the manifest's is skipped whole, with an error log line naming it and both hashes, and all its
+manifest's samples are counted in ``skipped``. Whatever the hash, a shard that yields fewer samples than its
+manifest lists (a broken tar header ends a tar early, silently) adds the shortfall to ``skipped``; with
+``verify="count"`` only this count is checked (no hashing pass). Shards that have no manifest (remote and
+``pipe:`` URLs, tars not written by ``shards.writer``) cannot be verified: they are read as they are, and the
+log says so once per location. ``verify="off"`` reads everything unchecked. The hashing pass costs one extra
+sequential read of each shard per visit, mostly from the page cache; see docs/benchmarks.md for the figures.
+
+``index.json`` entries must be bare shard names (``shard-NNNNNN.tar``): anything else (``../x``, an absolute
+path, a sub-directory) raises ``ValueError`` before any file is opened.
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ import json
 import logging
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +64,27 @@ from shards.schema import (
     SAMPLE_RATE,
     SHARD_TAR_GLOB,
     VIDEO_MEMBER,
+    ShardManifest,
+    check_index_entry,
     field_name,
+    file_sha256,
+    shard_manifest_name,
+    shard_tar_index,
 )
 
-__all__ = ["ClipDecodeError", "SkipCounter", "clip_dataset", "collate_clips", "decode_clip", "shard_urls"]
+__all__ = ["LOST", "VERIFY_MODES", "ClipDecodeError", "SkipCounter", "clip_dataset", "collate_clips", "decode_clip",
+           "shard_urls", "verified_samples"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SHUFFLE = 100  # shards held in the shard-order shuffle buffer when shuffling is on
+
+# What to check when a shard is opened (see the module docstring).
+VERIFY_MODES = ("sha256", "count", "off")
+# The key of a placeholder sample standing for a sample that a shard should have delivered and did not. It
+# takes the lost sample's place in the stream, so that a consumer splitting the stream by sample position (the
+# training loader) counts each loss once, in the split it belonged to. Its value says why it was lost.
+LOST = "__lost__"
 
 
 class ClipDecodeError(ValueError):
@@ -78,10 +105,14 @@ class SkipCounter:
         self._count = multiprocessing.get_context("spawn").Value("q", 0)
 
     def __call__(self, error: Exception) -> bool:
-        with self._count.get_lock():
-            self._count.value += 1
+        self.add(1)
         log.warning("skipping: %s", error)
         return True  # the WebDataset handler protocol: True means "continue"
+
+    def add(self, n: int) -> None:
+        """Count ``n`` skipped samples without a log line (the caller logged the reason once for all)."""
+        with self._count.get_lock():
+            self._count.value += n
 
     @property
     def count(self) -> int:
@@ -115,12 +146,155 @@ def expand_local_directory(url: str | Path) -> list[str] | None:
     index_path = directory / INDEX_NAME
     if index_path.exists():
         index = json.loads(index_path.read_text())
-        tars = [str(directory / shard["tar"]) for shard in index["shards"]]
+        # Checked before joining: a name like "../../etc/hostname" must never reach open().
+        tars = [str(directory / check_index_entry(shard.get("tar") if isinstance(shard, dict) else shard,
+                                                  index_path))
+                for shard in index["shards"]]
     else:
         tars = [str(path) for path in sorted(directory.glob(SHARD_TAR_GLOB))]
     if not tars:
         raise FileNotFoundError(f"no shards in {directory}")
     return tars
+
+
+def is_local(url: str | Path) -> bool:
+    """Whether ``url`` names a local file (no ``scheme://``, no ``pipe:``), the rule ``shard_urls`` uses."""
+    return not (isinstance(url, str) and ("://" in url or url.startswith("pipe:")))
+
+
+# Locations (directory or URL prefix) already reported as unverifiable, so the log says it once per process.
+_said_unverifiable: set[str] = set()
+
+
+def say_unverifiable(url: str, why: str) -> None:
+    location = url.rsplit("/", 1)[0] if "/" in url else url
+    if location not in _said_unverifiable:
+        _said_unverifiable.add(location)
+        log.warning("cannot verify the shards in %s: %s; reading them unverified (said once per location)",
+                    location, why)
+
+
+def shard_manifest(url: str) -> tuple[ShardManifest | None, str | None]:
+    """The manifest of the local shard ``url``: (manifest, None); (None, why) when there is none to check
+    against; raises ``ValueError`` when the manifest exists but cannot be read or describes another tar."""
+    if not is_local(url):
+        return None, "remote or pipe: URL (no manifest to check against)"
+    path = Path(url)
+    index = shard_tar_index(path.name)
+    if index is None:
+        return None, f"{path.name} is not named shard-NNNNNN.tar (not written by shards.writer)"
+    manifest_path = path.with_name(shard_manifest_name(index))
+    if not manifest_path.exists():
+        return None, f"no manifest {manifest_path.name} next to {path.name}"
+    try:
+        manifest = ShardManifest.load(manifest_path)
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{manifest_path}: unreadable manifest ({error})") from error
+    if manifest.index != index or manifest.n_samples != len(manifest.clip_ids):
+        raise ValueError(f"{manifest_path}: describes shard {manifest.index} with {manifest.n_samples} samples and "
+                         f"{len(manifest.clip_ids)} clip ids, not {path.name}")
+    return manifest, None
+
+
+def lost_samples(url: str, clip_ids: Iterable[str], reason: str) -> Iterator[dict[str, Any]]:
+    """Placeholders (``LOST``) for the samples of ``url`` that were not delivered."""
+    for clip_id in clip_ids:
+        yield {"__key__": clip_id, "__url__": url, LOST: reason}
+
+
+def verified_samples(
+    shards: Iterable[dict[str, Any]],
+    *,
+    select_files: Callable[[str], bool] | None = None,
+    verify: str = "sha256",
+) -> Iterator[dict[str, Any]]:
+    """Raw samples (member name -> bytes) of each shard ``{"url": ...}``, checked against its manifest.
+
+    A WebDataset pipeline stage in place of ``tarfile_samples``. Every sample a verified shard should have held
+    and did not deliver comes out as a ``LOST`` placeholder (see the module docstring), so the consumer counts
+    losses; the reason is logged here once per shard. For shards without a manifest, each tar error (today's
+    WebDataset behaviour) gives one placeholder, since the number of samples lost is unknown.
+    """
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify={verify!r}: expected one of {VERIFY_MODES}")
+    for shard in shards:
+        yield from read_shard(str(shard["url"]), select_files=select_files, verify=verify)
+
+
+def read_shard(url: str, *, select_files: Callable[[str], bool] | None, verify: str) -> Iterator[dict[str, Any]]:
+    """The samples of one shard (see ``verified_samples``)."""
+    manifest = None
+    if verify != "off":
+        try:
+            manifest, why = shard_manifest(url)
+        except ValueError as error:
+            log.error("%s: skipping the shard, its manifest cannot be trusted: %s", url, error)
+            yield from lost_samples(url, [f"{Path(url).name}#unknown"], str(error))  # count unknown: one
+            return
+        if manifest is None:
+            say_unverifiable(url, why)
+    try:
+        stream = open(url, "rb") if is_local(url) else wds.gopen(url)  # closed below
+    except Exception as error:  # like WebDataset's opener: a shard that cannot be opened is skipped, not fatal
+        log.error("%s: cannot open the shard (%s); skipping it", url, error)
+        yield from lost_samples(url, manifest.clip_ids if manifest else [f"{Path(url).name}#unknown"], str(error))
+        return
+    try:
+        if manifest is not None and verify == "sha256":
+            problem = tar_mismatch(stream, manifest)
+            if problem:
+                log.error("%s: %s; skipping its %d samples. The shard was damaged after it was written: "
+                          "`synchrorama validate` lists every damaged shard; rerun the preprocess flow to "
+                          "rewrite it", url, problem, manifest.n_samples)
+                yield from lost_samples(url, manifest.clip_ids, problem)
+                return
+            stream.seek(0)  # stream exactly the bytes just hashed, from the same open file
+        errors: list[Exception] = []
+
+        def on_error(error: Exception) -> bool:
+            errors.append(error)
+            log.warning("%s: tar error, the rest of this shard may be lost: %s", url, error)
+            return True
+
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=on_error,
+                                                   select_files=select_files)
+        delivered: list[str] = []
+        for sample in wds.tariterators.group_by_keys(files, handler=on_error):
+            delivered.append(sample["__key__"])
+            yield sample
+    finally:
+        stream.close()
+    if manifest is None:
+        yield from lost_samples(url, [f"{Path(url).name}#error{i}" for i in range(len(errors))], "tar error")
+    elif len(delivered) < manifest.n_samples:
+        seen = set(delivered)
+        missing = [clip_id for clip_id in manifest.clip_ids if clip_id not in seen]
+        missing = (missing + [f"{Path(url).name}#{i}" for i in range(manifest.n_samples)])[
+            : manifest.n_samples - len(delivered)]
+        log.error("%s: delivered %d of the %d samples its manifest lists (lost: %s); counting %d as skipped. "
+                  "Check it with `synchrorama validate`", url, len(delivered), manifest.n_samples,
+                  ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""), len(missing))
+        yield from lost_samples(url, missing, "not delivered")
+
+
+def tar_mismatch(stream: Any, manifest: ShardManifest) -> str | None:
+    """Why an open shard's bytes are not the ones its manifest describes, or ``None`` when they are."""
+    size = os.fstat(stream.fileno()).st_size
+    if size != manifest.n_bytes:
+        return f"{size} bytes, its manifest {manifest.manifest_name} says {manifest.n_bytes}"
+    actual = file_sha256(stream)
+    if actual != manifest.sha256:
+        return f"sha256 {actual}, its manifest {manifest.manifest_name} expects {manifest.sha256}"
+    return None
+
+
+def count_lost(samples: Iterable[dict[str, Any]], *, skipped: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Drop ``LOST`` placeholders, counting each in ``skipped`` (their shard's log line gave the reason)."""
+    for sample in samples:
+        if LOST in sample:
+            skipped.add(1)
+        else:
+            yield sample
 
 
 def clip_dataset(
@@ -130,7 +304,8 @@ def clip_dataset(
     members: Sequence[str] | None = None,
     decode_video: bool = True,
     resampled: bool = False,
-) -> wds.WebDataset:
+    verify: str = "sha256",
+) -> wds.DataPipeline:
     """A WebDataset pipeline over clip shards, yielding decoded clips (see the module docstring).
 
     ``urls``: a local shard directory, a tar path, a WebDataset URL spec (braces, ``pipe:``), or a list of
@@ -139,29 +314,36 @@ def clip_dataset(
     ranks x workers. ``shuffle_buffer > 0`` shuffles the shard order and then samples within a buffer of
     that many clips. ``resampled=True`` draws shards with replacement, forever (for step-based training).
     ``members`` picks what to read (default: ``REQUIRED_MEMBERS``); other tar members are not read from
-    the stream into samples nor decoded. The ``json`` member is always read.
+    the stream into samples nor decoded. The ``json`` member is always read. ``verify``: what to check
+    against each local shard's manifest when it is opened, ``"sha256"``, ``"count"`` or ``"off"`` (see the
+    module docstring).
 
-    The returned pipeline has a ``skipped`` attribute, a ``SkipCounter`` of samples that failed.
+    The returned pipeline has a ``skipped`` attribute, a ``SkipCounter`` of samples that failed to decode
+    or that their shard did not deliver (failed verification, came up short).
     """
     wanted = tuple(dict.fromkeys([*(REQUIRED_MEMBERS if members is None else members), META_MEMBER]))
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify={verify!r}: expected one of {VERIFY_MODES}")
     skipped = SkipCounter()
-    dataset = wds.WebDataset(
-        shard_urls(urls),
-        handler=skipped,
-        resampled=resampled,
-        shardshuffle=False if resampled or shuffle_buffer <= 0 else DEFAULT_SHARD_SHUFFLE,
-        nodesplitter=wds.split_by_node,
-        workersplitter=wds.split_by_worker,
-        select_files=functools.partial(is_wanted_file, wanted=frozenset(wanted)),
-        # More workers than shards is legitimate (some workers get nothing); the default check would
-        # raise in those workers.
-        empty_check=False,
-    )
+    expanded = shard_urls(urls)
+    # WebDataset's own stages, but with verified_samples in place of its opener + tar expander + grouper.
+    # No empty check: more workers than shards is legitimate (some workers get nothing).
+    stages: list[Any] = [
+        wds.ResampledShards(expanded) if resampled else wds.SimpleShardList(expanded),
+        wds.split_by_node,
+        wds.split_by_worker,
+    ]
+    if not resampled and shuffle_buffer > 0:
+        stages.append(wds.shuffle(DEFAULT_SHARD_SHUFFLE))
+    stages += [
+        functools.partial(verified_samples, select_files=functools.partial(is_wanted_file, wanted=frozenset(wanted)),
+                          verify=verify),
+        functools.partial(count_lost, skipped=skipped),
+    ]
     if shuffle_buffer > 0:
-        dataset = dataset.shuffle(shuffle_buffer)
-    dataset = dataset.map(
-        functools.partial(decode_clip, members=wanted, decode_video=decode_video), handler=skipped
-    )
+        stages.append(wds.shuffle(shuffle_buffer))
+    stages.append(wds.map(functools.partial(decode_clip, members=wanted, decode_video=decode_video), handler=skipped))
+    dataset = wds.DataPipeline(*stages)
     dataset.skipped = skipped
     return dataset
 

@@ -30,7 +30,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 SCHEMA_VERSION = 1
 
@@ -123,6 +123,9 @@ TAR_GROUP = "shards"
 TAR_MODE = 0o444
 
 
+HASH_CHUNK = 1 << 20  # bytes read per hashing step: large enough that the hash, not the call, dominates
+
+
 def shard_tar_name(index: int) -> str:
     return SHARD_TAR_FORMAT.format(index=index)
 
@@ -133,6 +136,40 @@ def shard_manifest_name(index: int) -> str:
 
 def temp_name(final_name: str, pid: int) -> str:
     return TEMP_NAME_FORMAT.format(name=final_name, pid=pid)
+
+
+def shard_tar_index(name: str) -> int | None:
+    """The index of a shard tar named ``shard-NNNNNN.tar`` (a bare name: no directory), else ``None``."""
+    match = SHARD_NAME_PATTERN.fullmatch(name) if isinstance(name, str) else None
+    return int(match.group(1)) if match and match.group(2) == "tar" else None
+
+
+def check_index_entry(name: Any, index_path: Path) -> str:
+    """Return ``name`` if it is a bare shard tar name (``shard-NNNNNN.tar``), else raise ``ValueError``.
+
+    ``index.json`` lists shards by name, relative to its own directory; an entry with a path separator, ``..``
+    or an absolute path would make a reader open a file outside the shard directory, so it is refused before
+    anything is opened.
+    """
+    if shard_tar_index(name) is None:
+        raise ValueError(
+            f"{index_path}: shard entry {name!r} is not a bare shard name (expected 'shard-NNNNNN.tar', no "
+            "directories, no '..'); the file was not opened. Rewrite the index with the writer (rerun the "
+            "preprocess flow) or fix the entry by hand"
+        )
+    return name
+
+
+def file_sha256(file: BinaryIO | Path | str) -> str:
+    """The sha256 (hex) of a file given by path, or of an open binary file's bytes from its current position to
+    the end (so that what is hashed is what the caller goes on to read)."""
+    if isinstance(file, (Path, str)):
+        with open(file, "rb") as opened:
+            return file_sha256(opened)
+    digest = hashlib.sha256()
+    while chunk := file.read(HASH_CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_clip_id(clip_id: str) -> None:

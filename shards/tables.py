@@ -17,16 +17,36 @@
 Every row of the audio tables names the model that produced it (``model``). See docs/tables.md.
 
 Rows are sorted by key so that the same inputs give the same tables, whatever order work finished in.
+
+This module also names the out_dir-level files of a run-level commit (see docs/pipeline.md, "Outputs"):
+``publishing.json`` (a publish is under way: written before the first shard, removed after ``summary.json``) and
+``summary.json`` (written last; its ``committed`` entry, :func:`committed_state`, records what the run published,
+so that ``shards.validate.validate_output`` can tell a complete publish from an interrupted or stale one).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import re
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from shards.schema import INDEX_NAME
+
+log = logging.getLogger(__name__)
+
+SHARDS_DIR = "shards"
+SUMMARY_FILE = "summary.json"
+PUBLISHING_MARKER = "publishing.json"
+# What write_table_atomic (and preprocess.cache.write_json_atomic) leave behind when killed mid-write.
+TABLE_TEMP_PATTERN = re.compile(r"\..+\.tmp-[0-9a-f]+")
 
 TABLES_DIR = "tables"
 CLIPS_TABLE = "clips.parquet"
@@ -214,10 +234,65 @@ def write_table_atomic(rows: list[dict], schema: pa.Schema, path: Path, sort_by:
     if len(table):
         table = table.sort_by([(column, "ascending") for column in sort_by])
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    # the rename lives in the directory: without this a power cut can bring back the old table
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def remove_table_leftovers(tables_dir: Path) -> list[Path]:
+    """Remove the temp files that killed table writes left in ``tables_dir``; returns what was removed.
+
+    Only call this while holding the out_dir's lock (``synchrorama.run_lock``): a live writer's temp file looks
+    the same."""
+    tables_dir = Path(tables_dir)
+    if not tables_dir.is_dir():
+        return []
+    removed = sorted(path for path in tables_dir.iterdir() if TABLE_TEMP_PATTERN.fullmatch(path.name))
+    for path in removed:
+        log.warning("removing leftover temp file %s of an interrupted table write", path)
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def table_row_counts(tables_dir: Path) -> dict[str, int]:
+    """Rows of every table in ``tables_dir`` (from the parquet footers, without reading the data)."""
+    tables_dir = Path(tables_dir)
+    if not tables_dir.is_dir():
+        return {}
+    return {path.name: pq.read_metadata(path).num_rows for path in sorted(tables_dir.glob("*.parquet"))
+            if not path.name.startswith(".")}
+
+
+def committed_state(out_dir: Path) -> dict[str, Any]:
+    """What a run has published in ``out_dir``, as recorded in ``summary.json``'s ``committed`` entry.
+
+    ``index_sha256``: sha256 of ``shards/index.json`` (None when it is missing); ``shards``: the index's shard
+    list (tar name, sample count, sha256), as the index says it, not read from the tars; ``tables``: rows per
+    table. Nothing here opens a file that an index entry names."""
+    index_path = Path(out_dir) / SHARDS_DIR / INDEX_NAME
+    index_sha256, shards = None, []
+    if index_path.is_file():
+        data = index_path.read_bytes()
+        index_sha256 = hashlib.sha256(data).hexdigest()
+        try:
+            entries = json.loads(data).get("shards", [])
+            shards = [{"tar": entry.get("tar"), "n_samples": entry.get("n_samples"), "sha256": entry.get("sha256")}
+                      for entry in entries]
+        except (ValueError, AttributeError, TypeError):
+            shards = []
+    return {"index_sha256": index_sha256, "shards": shards,
+            "tables": table_row_counts(Path(out_dir) / TABLES_DIR)}
 
 
 def read_table(out_dir: Path, name: str = CLIPS_TABLE) -> pa.Table:

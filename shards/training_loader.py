@@ -34,6 +34,14 @@ shards as ranks x workers, each (rank, worker) reads every n-th shard, otherwise
 pass a seeded shuffle buffer, and each window's random choices come from a generator seeded by its position
 in the stream. A worker resumed at position ``p`` re-reads and drops its first ``p`` raw samples without
 decoding them. A sample that fails to decode is logged, counted in ``skipped`` and dropped, never fatal.
+
+Shards are read through ``shards.reader.verified_samples``: each local shard is checked against its manifest
+when it is opened (``verify``: ``"sha256"``, ``"count"`` or ``"off"``, see ``shards/reader.py``); a shard whose
+bytes are not its manifest's is skipped whole and every sample a shard did not deliver is counted in
+``skipped``. The loader does not train on what is left whatever it is: each worker checks each epoch it read
+from the start, and raises ``TrainingDataError`` after an epoch that produced no window (without this check,
+a stream whose every sample fails would loop forever without yielding) or whose skipped share of samples is
+over ``max_skip_fraction``.
 """
 
 from __future__ import annotations
@@ -57,7 +65,15 @@ import torch.nn.functional as F
 import webdataset as wds
 
 from shards import schema
-from shards.reader import ClipDecodeError, SkipCounter, decode_wav, load_npy, shard_urls
+from shards.reader import (
+    LOST,
+    ClipDecodeError,
+    SkipCounter,
+    decode_wav,
+    load_npy,
+    shard_urls,
+    verified_samples,
+)
 from shards.schema import (  # the members this loader reads
     AUS_MEMBER,
     DESCRIPTION_MEMBER,
@@ -120,6 +136,26 @@ class WindowSpec:
         return frozenset(wanted)
 
 
+class TrainingDataError(RuntimeError):
+    """The training data cannot be trusted: an epoch gave no window, or skipped too many of its samples."""
+
+
+@dataclass
+class EpochCounts:
+    """What one worker saw in one epoch: windows made, samples that failed to decode, samples lost in shards."""
+
+    windows: int = 0
+    failed: int = 0
+    lost: int = 0
+    resumed: int = 0  # samples dropped unread because a resumed run had consumed them
+    first_problem: str | None = None
+    bad_shards: dict[str, int] = field(default_factory=dict)  # shard -> samples skipped in it
+
+    def skip(self, url: Any, problem: str) -> None:
+        self.bad_shards[str(url)] = self.bad_shards.get(str(url), 0) + 1
+        self.first_problem = self.first_problem or problem
+
+
 @dataclass
 class TrainingWindows(torch.utils.data.IterableDataset):
     """An endless, deterministic stream of batches of training windows (see the module docstring).
@@ -128,6 +164,11 @@ class TrainingWindows(torch.utils.data.IterableDataset):
     ``start_positions``: {logical worker: raw samples already consumed} from a checkpoint;
     ``worker_offset``: rotate worker ids so that after resuming the DataLoader's round-robin continues with the
     worker whose batch is due next (batches consumed modulo the number of workers).
+    ``verify``: what each local shard is checked against its manifest for when it is opened (``"sha256"``,
+    ``"count"``, ``"off"``; see ``shards/reader.py``). ``max_skip_fraction``: the share of an epoch's samples
+    (per worker: failed to decode, or lost in a shard) above which the loader raises ``TrainingDataError``
+    instead of training on what is left; an epoch with no window at all always raises. The epoch a resumed
+    worker starts in is not judged (it was partly read before the resume).
     """
 
     urls: Any
@@ -139,10 +180,14 @@ class TrainingWindows(torch.utils.data.IterableDataset):
     world_size: int = 1
     start_positions: dict[int, int] = field(default_factory=dict)
     worker_offset: int = 0
+    verify: str = "sha256"
+    max_skip_fraction: float = 0.1
     skipped: SkipCounter = field(default_factory=SkipCounter)
 
     def __post_init__(self):
         super().__init__()
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ValueError(f"max_skip_fraction={self.max_skip_fraction}: expected a fraction in [0, 1]")
         expanded = shard_urls(self.urls)  # local directories -> their tars; braces, pipe: and URLs pass through
         self.shard_list = wds.shardlists.expand_urls(expanded) if isinstance(expanded, str) else list(expanded)
 
@@ -152,45 +197,88 @@ class TrainingWindows(torch.utils.data.IterableDataset):
         worker = ((info.id if info else 0) + self.worker_offset) % workers
         split, splits = self.rank * workers + worker, self.world_size * workers
         position = self.start_positions.get(worker, 0)
-        raw = itertools.islice(self.raw_samples(split, splits), position, None)
         decode = functools.partial(decode_window, spec=self.spec)
         windows = []
         started = time.perf_counter()
-        for index, sample in enumerate(raw, start=position):
-            try:
-                windows.append(decode(sample, random.Random(f"{self.seed}-{split}-{index}")))
-            except Exception as error:  # one bad clip never stops training
-                self.skipped(ClipDecodeError(f"clip {sample.get('__key__')!r} in {sample.get('__url__')}: {error}"))
-                continue
-            if len(windows) == self.batch_size:
-                batch = collate_windows(windows)
-                batch["position"] = torch.tensor([worker, index + 1])
-                batch["produce_s"] = torch.tensor(time.perf_counter() - started)
-                yield batch
-                windows = []
-                started = time.perf_counter()
+        index = -1  # raw samples this worker has consumed, across epochs, minus one: what ``position`` counts
+        for epoch in itertools.count():
+            counts = EpochCounts()
+            for sample in self.epoch_samples(epoch, split, splits):
+                index += 1
+                if index < position:  # consumed before the resume: dropped undecoded
+                    counts.resumed += 1
+                    continue
+                if LOST in sample:  # the shard's log line said why; the sample keeps its place in the stream
+                    self.skipped.add(1)
+                    counts.lost += 1
+                    counts.skip(sample["__url__"], f"clip {sample['__key__']!r} lost: {sample[LOST]}")
+                    continue
+                try:
+                    windows.append(decode(sample, random.Random(f"{self.seed}-{split}-{index}")))
+                except Exception as error:  # one bad clip never stops training (too many do: check_epoch)
+                    problem = f"clip {sample.get('__key__')!r} in {sample.get('__url__')}: {error}"
+                    self.skipped(ClipDecodeError(problem))
+                    counts.failed += 1
+                    counts.skip(sample.get("__url__"), problem)
+                    continue
+                counts.windows += 1
+                if len(windows) == self.batch_size:
+                    batch = collate_windows(windows)
+                    batch["position"] = torch.tensor([worker, index + 1])
+                    batch["produce_s"] = torch.tensor(time.perf_counter() - started)
+                    yield batch
+                    windows = []
+                    started = time.perf_counter()
+            if not counts.resumed:
+                self.check_epoch(epoch, split, splits, counts)
+
+    def check_epoch(self, epoch: int, split: int, splits: int, counts: EpochCounts) -> None:
+        """Raise ``TrainingDataError`` if the epoch gave no window or skipped more than ``max_skip_fraction``."""
+        skipped = counts.failed + counts.lost
+        read = counts.windows + skipped
+        if counts.windows > 0 and skipped <= self.max_skip_fraction * read:
+            return
+        shards = self.epoch_shards(epoch, split, splits)
+        listed = ", ".join(shards[:10]) + (f" ... ({len(shards) - 10} more)" if len(shards) > 10 else "")
+        worst = sorted(counts.bad_shards.items(), key=lambda item: -item[1])[:5]
+        raise TrainingDataError(
+            f"epoch {epoch} of rank {self.rank}, split {split}/{splits}: "
+            f"{'no window: ' if counts.windows == 0 else ''}{skipped} of {read} samples skipped "
+            f"({counts.failed} failed to decode, {counts.lost} lost in shards that failed verification or came up "
+            f"short), over max_skip_fraction={self.max_skip_fraction}. Shards read: [{listed}]. Most skips in: "
+            f"{', '.join(f'{url} ({n})' for url, n in worst)}. First problem: {counts.first_problem}. "
+            "Check the shards with `synchrorama validate` (and the window size against the clips' length), "
+            "rewrite them by rerunning the preprocess flow, or raise max_skip_fraction"
+        )
+
+    def epoch_shards(self, epoch: int, split: int, splits: int) -> list[str]:
+        """The shards this split reads in ``epoch``, in reading order: all of them when splitting by sample."""
+        shards = list(self.shard_list)
+        random.Random(self.seed + epoch).shuffle(shards)
+        return shards[split::splits] if len(shards) >= splits else shards
+
+    def epoch_samples(self, epoch: int, split: int, splits: int) -> Iterator[dict[str, Any]]:
+        """Undecoded samples of one epoch for this split, shuffled; ``LOST`` placeholders included (they keep
+        the positions of the samples a shard did not deliver, so splitting by sample counts each once)."""
+        select = functools.partial(_is_wanted, wanted=self.spec.members())
+        shards = self.epoch_shards(epoch, split, splits)
+        samples = verified_samples(({"url": url} for url in shards), select_files=select, verify=self.verify)
+        if len(self.shard_list) < splits:
+            samples = (s for i, s in enumerate(samples) if i % splits == split)
+        rng = random.Random(f"{self.seed}-{epoch}-{split}")
+        count = 0
+        for sample in wds.filters._shuffle(samples, self.shuffle_buffer, self.shuffle_buffer, rng=rng) \
+                if self.shuffle_buffer > 1 else samples:
+            count += 1
+            yield sample
+        if count == 0:
+            raise ValueError(f"rank {self.rank} split {split}/{splits} got no sample from {len(self.shard_list)} "
+                             "shards: fewer clips than ranks x workers")
 
     def raw_samples(self, split: int, splits: int, epochs: int | None = None) -> Iterator[dict[str, Any]]:
         """Undecoded samples for this split, shuffled, epoch after epoch (forever when ``epochs`` is None)."""
-        select = functools.partial(_is_wanted, wanted=self.spec.members())
         for epoch in itertools.count() if epochs is None else range(epochs):
-            shards = list(self.shard_list)
-            random.Random(self.seed + epoch).shuffle(shards)
-            by_shard = len(shards) >= splits
-            shards = shards[split::splits] if by_shard else shards
-            samples = wds.tariterators.tarfile_samples(({"url": url} for url in shards), handler=self.skipped,
-                                                       select_files=select)
-            if not by_shard:
-                samples = (s for i, s in enumerate(samples) if i % splits == split)
-            rng = random.Random(f"{self.seed}-{epoch}-{split}")
-            count = 0
-            for sample in wds.filters._shuffle(samples, self.shuffle_buffer, self.shuffle_buffer, rng=rng) \
-                    if self.shuffle_buffer > 1 else samples:
-                count += 1
-                yield sample
-            if count == 0:
-                raise ValueError(f"rank {self.rank} split {split}/{splits} got no sample from {len(self.shard_list)} "
-                                 "shards: fewer clips than ranks x workers")
+            yield from self.epoch_samples(epoch, split, splits)
 
 
 def _is_wanted(file_name: str, *, wanted: frozenset[str]) -> bool:
@@ -303,4 +391,5 @@ def data_loader(dataset: TrainingWindows, num_workers: int) -> torch.utils.data.
                                        multiprocessing_context="forkserver" if num_workers else None)
 
 
-__all__ = ["EMOTION_ARRAYS", "STAGE_NEEDS", "TrainingWindows", "WindowSpec", "collate_windows", "data_loader", "decode_window"]
+__all__ = ["EMOTION_ARRAYS", "STAGE_NEEDS", "TrainingDataError", "TrainingWindows", "WindowSpec", "collate_windows",
+           "data_loader", "decode_window"]

@@ -1,15 +1,19 @@
-"""Check a shard directory against the schema, reporting problems as values rather than raising.
+"""Check a shard directory, or a whole preprocess out_dir, reporting problems as values rather than raising.
 
 ``validate_shards`` reads every tar once (hash, then members), so it costs about one pass over the data:
-run it after writing and before training, not in the training loop.
+run it after writing and before training, not in the training loop. ``validate_output`` adds what makes an
+out_dir one consistent dataset: no interrupted publish (``publishing.json``), a ``summary.json`` that committed
+exactly the shards and table rows now there, the clips table's ``shard`` column agreeing with the shards' clip
+ids, and no temp files in ``tables/``. Index entries that are not bare shard names (``../../etc/hostname``) are
+reported and never opened.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -17,6 +21,8 @@ from typing import Any
 
 import av
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import soundfile
 
 from shards.schema import (
@@ -49,15 +55,27 @@ from shards.schema import (
     VOCALS_MEMBER,
     WAV2VEC_MEMBER,
     ShardManifest,
+    file_sha256,
     index_json,
     missing_meta_keys,
     shard_manifest_name,
+    shard_tar_index,
     shard_tar_name,
 )
+from shards.tables import (
+    CLIPS_TABLE,
+    KEPT,
+    PUBLISHING_MARKER,
+    SHARDS_DIR,
+    SUMMARY_FILE,
+    TABLE_TEMP_PATTERN,
+    TABLES_DIR,
+    committed_state,
+)
 
-__all__ = ["validate_sample", "validate_shards"]
+__all__ = ["validate_output", "validate_sample", "validate_shards"]
 
-HASH_CHUNK = 1 << 20
+MAX_LISTED = 20  # per kind of table/shard disagreement; the rest are counted, so one bad run stays readable
 
 
 def validate_shards(shard_dir: Path) -> list[str]:
@@ -147,14 +165,6 @@ def validate_shard(shard_dir: Path, index: int) -> tuple[ShardManifest | None, l
     elif tuple(clip_ids) != manifest.clip_ids:
         problems.append(f"{tar_name}: clip ids differ from the manifest")
     return manifest, problems
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tar_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -311,11 +321,149 @@ def validate_index(shard_dir: Path, manifests: list[ShardManifest], *, complete:
         return [f"{INDEX_NAME}: does not parse: {error}"]
     if not isinstance(index, dict) or index.get("schema_version") != SCHEMA_VERSION:
         return [f"{INDEX_NAME}: schema_version is not {SCHEMA_VERSION}"]
+    entries = index.get("shards")
+    if not isinstance(entries, list):
+        return [f"{INDEX_NAME}: 'shards' is not a list"]
+    problems = [f"{INDEX_NAME}: entry {entry.get('tar') if isinstance(entry, dict) else entry!r} is not a bare "
+                f"shard name (shard-NNNNNN.tar in this directory); refused, not opened"
+                for entry in entries if bare_shard_index(entry) is None]
     if not complete:
-        return []  # the shard problems are already reported; a comparison would only repeat them
+        return problems  # the shard problems are already reported; a comparison would only repeat them
     expected = index_json(manifests)
-    return [
+    return problems + [
         f"{INDEX_NAME}: {key} differs from the manifests"
         for key in expected
         if index.get(key) != expected[key]
     ]
+
+
+def bare_shard_index(entry: Any) -> int | None:
+    """The shard index of an ``index.json`` entry whose ``tar`` is a bare ``shard-NNNNNN.tar`` name, else None.
+
+    Anything else (a path, ``../..``, an absolute name) is never joined to a directory and opened."""
+    return shard_tar_index(entry.get("tar")) if isinstance(entry, dict) else None
+
+
+def _listed(problems: list[str]) -> list[str]:
+    if len(problems) <= MAX_LISTED:
+        return problems
+    return [*problems[:MAX_LISTED], f"... and {len(problems) - MAX_LISTED} more like these"]
+
+
+def _index_clips(shard_dir: Path) -> dict[str, str] | None:
+    """clip id -> shard tar, from the manifests of the shards ``index.json`` lists (bare names only); None when
+    the index cannot be read (already reported by ``validate_shards``)."""
+    try:
+        entries = json.loads((shard_dir / INDEX_NAME).read_text())["shards"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    shard_of: dict[str, str] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        index = bare_shard_index(entry)
+        if index is None:
+            continue
+        try:
+            manifest = ShardManifest.load(shard_dir / shard_manifest_name(index))
+        except (OSError, KeyError, TypeError, ValueError):
+            continue  # reported by validate_shards
+        for clip_id in manifest.clip_ids:
+            shard_of.setdefault(clip_id, manifest.tar_name)
+    return shard_of
+
+
+def validate_output(out_dir: Path) -> list[str]:
+    """Every way a preprocess ``out_dir`` is not one complete, consistent dataset; empty means valid.
+
+    Checks ``validate_shards`` on ``shards/`` plus: no ``publishing.json`` (an interrupted publish, or one running
+    now); a ``summary.json`` with status complete whose committed index.json sha256, shard list and table row
+    counts are those on disk now; every kept row of ``clips.parquet`` names exactly the shard whose manifest holds
+    it, no shard clip without a kept row, no rejected row with a shard; no temp files left in ``tables/``."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return [f"{out_dir}: not a directory"]
+    problems: list[str] = []
+    marker = out_dir / PUBLISHING_MARKER
+    if marker.exists():
+        try:
+            holder = json.loads(marker.read_text())
+            who = f"run {holder.get('run_id')}, pid {holder.get('pid')} on {holder.get('host')}, " \
+                  f"started {holder.get('started_at')}"
+        except (OSError, ValueError, AttributeError):
+            who = "a run that left no description"
+        problems.append(f"{PUBLISHING_MARKER}: a publish was interrupted ({who}), or is running now: shards, tables "
+                        f"and summary.json may disagree; rerun preprocess on this out_dir to complete it")
+    shard_dir = out_dir / SHARDS_DIR
+    problems += [f"{SHARDS_DIR}/{problem}" for problem in validate_shards(shard_dir)]
+    tables_dir = out_dir / TABLES_DIR
+    if tables_dir.is_dir():
+        problems += [f"{TABLES_DIR}/{path.name}: leftover temp file of an interrupted table write (the next run "
+                     f"removes it)" for path in sorted(tables_dir.iterdir())
+                     if TABLE_TEMP_PATTERN.fullmatch(path.name)]
+    problems += _check_summary(out_dir)
+    shard_of = _index_clips(shard_dir) if shard_dir.is_dir() else None
+    if shard_of is not None:
+        problems += _check_clips_table(out_dir, shard_of)
+    return problems
+
+
+def _check_summary(out_dir: Path) -> list[str]:
+    """summary.json against what is on disk now (``shards.tables.committed_state``)."""
+    path = out_dir / SUMMARY_FILE
+    if not path.exists():
+        return [f"{SUMMARY_FILE}: missing: no run committed this out_dir (or the first one was interrupted); "
+                f"rerun preprocess"]
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return [f"{SUMMARY_FILE}: does not parse ({error}); rerun preprocess"]
+    committed = summary.get("committed") if isinstance(summary, dict) else None
+    if not isinstance(committed, dict) or summary.get("status") != "complete":
+        return [f"{SUMMARY_FILE}: not a run-level commit (no status 'complete' with a 'committed' entry: written "
+                f"by an older version or interrupted); rerun preprocess"]
+    now = committed_state(out_dir)
+    problems = []
+    if committed.get("index_sha256") != now["index_sha256"]:
+        before = {entry.get("tar"): entry for entry in committed.get("shards") or [] if isinstance(entry, dict)}
+        after = {entry["tar"]: entry for entry in now["shards"]}
+        changed = sorted(str(name) for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+        problems.append(f"{SUMMARY_FILE}: stale: it committed {SHARDS_DIR}/{INDEX_NAME} with sha256 "
+                        f"{str(committed.get('index_sha256'))[:12]}..., which is now "
+                        f"{str(now['index_sha256'])[:12]}...; shards that differ: {', '.join(changed) or 'none'} "
+                        f"(the shards changed after the last commit; rerun preprocess)")
+    before_tables, after_tables = committed.get("tables") or {}, now["tables"]
+    for name in sorted(before_tables.keys() | after_tables.keys()):
+        if before_tables.get(name) != after_tables.get(name):
+            problems.append(f"{TABLES_DIR}/{name}: {_rows(after_tables.get(name))} now, {SUMMARY_FILE} committed "
+                            f"{_rows(before_tables.get(name))}")
+    return problems
+
+
+def _rows(count: int | None) -> str:
+    return "absent" if count is None else f"{count} rows"
+
+
+def _check_clips_table(out_dir: Path, shard_of: dict[str, str]) -> list[str]:
+    """The clips table's ``shard`` column against the clip ids of the shards index.json lists."""
+    path = out_dir / TABLES_DIR / CLIPS_TABLE
+    if not path.exists():
+        return [f"{TABLES_DIR}/{CLIPS_TABLE}: missing, so the shards' {len(shard_of)} clips have no rows"]
+    try:
+        rows = pq.read_table(path, columns=["clip_id", "status", "shard"]).to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as error:
+        return [f"{TABLES_DIR}/{CLIPS_TABLE}: unreadable: {error}"]
+    where = f"{TABLES_DIR}/{CLIPS_TABLE}"
+    wrong, rejected_with_shard, kept_ids = [], [], Counter()
+    for row in rows:
+        clip_id, shard = row["clip_id"], row["shard"]
+        if row["status"] == KEPT:
+            kept_ids[clip_id] += 1
+            if shard != shard_of.get(clip_id):
+                said = f"says shard {shard}" if shard else "names no shard"
+                wrong.append(f"{where}: kept clip {clip_id} {said}, but the indexed shards hold it in "
+                             f"{shard_of.get(clip_id) or 'none'}")
+        elif shard is not None:
+            rejected_with_shard.append(f"{where}: rejected clip {clip_id} names shard {shard}")
+    repeated = [f"{where}: kept clip {clip_id} has {count} rows" for clip_id, count in kept_ids.items() if count > 1]
+    rowless = [f"{SHARDS_DIR}/{shard}: clip {clip_id} has no kept row in {where}"
+               for clip_id, shard in sorted(shard_of.items()) if clip_id not in kept_ids]
+    return _listed(wrong) + _listed(rejected_with_shard) + _listed(repeated) + _listed(rowless)

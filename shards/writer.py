@@ -7,8 +7,11 @@
 - Atomic: every file is written under a hidden temp name in the same directory, fsynced and renamed into
   place, so no partial file ever has a final name. A shard's manifest is written after its tar and is the
   "shard is done" marker; ``index.json`` is written after every shard is done.
-- Resumable: a shard whose manifest records the same content key, and whose tar has the recorded size, is
-  kept as it is (reported with ``reused=True``).
+- Resumable: a shard whose manifest records the same content key, and whose tar has the recorded size and
+  sha256, is kept as it is (reported with ``reused=True``). The tar is re-hashed before it is trusted: a shard
+  corrupted in place (same size, other bytes) is rewritten, with a warning, never reused, so its stale hash never
+  reaches ``index.json``. Re-hashing reads every finished shard once per run, at the disk's or sha256's speed
+  (see docs/benchmarks.md), far less than re-encoding them.
 
 One writer per shard directory at a time: a run removes the temp files that it finds there.
 """
@@ -42,6 +45,7 @@ from shards.schema import (
     check_clip_id,
     check_member_name,
     encode_json,
+    file_sha256,
     index_json,
     missing_meta_keys,
     shard_content_key,
@@ -168,19 +172,35 @@ def member_bytes(value: Path | bytes) -> bytes:
 
 
 def reusable_manifest(shard_dir: Path, index: int, content_key: str) -> ShardManifest | None:
-    """The manifest of a finished shard with this content key and an intact-looking tar, else ``None``.
+    """The manifest of a finished shard with this content key whose tar has the recorded size and sha256,
+    else ``None`` (the shard is then rewritten).
 
-    Only the size is checked, not the sha256, so that resuming does not re-read every finished shard;
-    ``validate_shards`` checks the hashes.
+    The hash is checked, not just the size: a tar corrupted in place keeps its size, and reusing it would copy
+    its manifest's (now false) sha256 into ``index.json``. A shard that should have been reusable but is not
+    intact is logged as a warning, since it means that something damaged a finished file.
     """
     manifest_path = shard_dir / shard_manifest_name(index)
     tar_path = shard_dir / shard_tar_name(index)
     try:
         manifest = ShardManifest.load(manifest_path)
-        tar_size = tar_path.stat().st_size
     except (OSError, KeyError, TypeError, ValueError):
         return None
-    if manifest.index != index or manifest.content_key != content_key or manifest.n_bytes != tar_size:
+    if manifest.index != index or manifest.content_key != content_key:
+        return None  # the shard's content changed: an ordinary rewrite, nothing to warn about
+    try:
+        with open(tar_path, "rb") as file:
+            tar_size = os.fstat(file.fileno()).st_size
+            actual = file_sha256(file) if tar_size == manifest.n_bytes else None
+    except OSError as error:
+        log.warning("%s: cannot read the finished shard (%s); rewriting it", tar_path, error)
+        return None
+    if tar_size != manifest.n_bytes:
+        log.warning("%s: %d bytes, its manifest says %d (damaged since it was written); rewriting it",
+                    tar_path, tar_size, manifest.n_bytes)
+        return None
+    if actual != manifest.sha256:
+        log.warning("%s: sha256 %s, its manifest says %s (same size, other bytes: damaged since it was "
+                    "written); rewriting it", tar_path, actual, manifest.sha256)
         return None
     return manifest
 

@@ -139,17 +139,22 @@ def report_command(
 
 
 @app.command("validate")
-def validate_command(out_dir: Path = typer.Argument(..., help="a preprocess out_dir (or its shards/ dir)")) -> None:
-    """Check the shards against their manifests and the schema; exits 1 on any problem."""
-    from shards.validate import validate_shards
+def validate_command(out_dir: Path = typer.Argument(..., help="a preprocess out_dir (or a bare shards/ dir)")) -> None:
+    """Check an out_dir is one complete dataset: shards against their manifests and the schema, no interrupted
+    publish, summary.json committing exactly the shards and table rows there, the clips table's shard column
+    against the shards, no leftover temp files. Given a bare shard dir, checks the shards only. Exits 1 on any
+    problem."""
+    from shards.validate import validate_output, validate_shards
 
-    shard_dir = out_dir / "shards" if (out_dir / "shards").is_dir() else out_dir
-    problems = validate_shards(shard_dir)
+    whole_output = (out_dir / "shards").is_dir()
+    problems = validate_output(out_dir) if whole_output else validate_shards(out_dir)
     for problem in problems:
-        console.print(f"[red]{problem}[/red]")
+        console.print(f"[red]{problem}[/red]", soft_wrap=True)
     if problems:
+        console.print(f"[red]{out_dir}: {len(problems)} problem(s)[/red]")
         raise typer.Exit(1)
-    console.print(f"[green]{shard_dir}: shards valid[/green]")
+    what = "shards, tables and summary.json agree" if whole_output else "shards valid"
+    console.print(f"[green]{out_dir}: {what}[/green]")
 
 
 @app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
@@ -226,6 +231,60 @@ def summary_command(size: str = typer.Option("tiny", help="full (SD 1.5 size) or
     from model.summary import format_summary
 
     console.print(format_summary(size))
+
+
+@app.command("evaluate")
+def evaluate_command(
+    generated: Optional[Path] = typer.Option(None, help="folder of generated clips (<clip id>.mp4)"),
+    ground_truth: Optional[Path] = typer.Option(None, help="folder of ground-truth clips, matched by clip id"),
+    checkpoint: Optional[Path] = typer.Option(None, help="instead of the two folders: a training run or checkpoint "
+                                              "folder to generate every clip of --shards with (first frame + audio)"),
+    shards: Optional[Path] = typer.Option(None, help="with --checkpoint: the shard folder of the test clips"),
+    limit: Optional[int] = typer.Option(None, help="with --checkpoint: only the first N clips of the shards"),
+    steps: Optional[int] = typer.Option(None, help="with --checkpoint: DDIM steps (default: the recipe's)"),
+    seed: int = typer.Option(0, help="with --checkpoint: the generation's noise seed"),
+    weights: str = typer.Option("ema", help="with --checkpoint: ema or model weights"),
+    device: str = typer.Option("auto", help="with --checkpoint: auto, cpu or cuda[:N] for the generator"),
+    gen_config: list[str] = typer.Option([], "--gen-config", help="with --checkpoint: KEY=VALUE override of the "
+                                         "checkpoint's training config (repeatable), as `generate --config`"),
+    out: Path = typer.Option(..., help="where clips.parquet, summary.parquet, table.md, evaluation.json go"),
+    profile: str = typer.Option("default", help="default (real feature networks) or tiny (random, meaningless)"),
+    settings: str = typer.Option("{}", help='evaluation settings overrides as JSON, e.g. \'{"syncnet": "/m/syncnet_v2.model"}\''),
+    method: Optional[str] = typer.Option(None, help="name of the method's row (default: the generated folder's "
+                                         "name, or the checkpoint and its step)"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """The paper's Table 1 (PSNR, SSIM, LPIPS, FID, FVD, E-FID, AU F1, Sync, CCC_V, CCC_A) on generated vs
+    ground-truth clips, per clip and aggregated: either two folders (--generated, --ground-truth), or a checkpoint
+    and a shard set (--checkpoint, --shards: each clip is generated first); see docs/evaluation.md."""
+    from evaluation.evaluate import TINY_WARNING, EvaluationError, evaluate_folders
+    from evaluation.networks import WeightsError
+    from evaluation.settings import load_evaluation_settings
+
+    folders, from_checkpoint = (generated, ground_truth), (checkpoint, shards)
+    if not (all(folders) and not any(from_checkpoint)) and not (all(from_checkpoint) and not any(folders)):
+        console.print("[red]evaluate: give either --generated and --ground-truth (two folders of clips), or "
+                      "--checkpoint and --shards (generate the shard clips first)[/red]", soft_wrap=True)
+        raise typer.Exit(2)
+    try:
+        evaluation_settings = load_evaluation_settings(profile, json.loads(settings))
+        if checkpoint is not None:
+            from evaluation.from_checkpoint import GenerationSettings, evaluate_checkpoint
+
+            generation = GenerationSettings(steps=steps, seed=seed, config=tuple(gen_config), weights=weights,
+                                            device=device)
+            result = evaluate_checkpoint(checkpoint, shards, out, evaluation_settings, generation, limit=limit,
+                                         method=method, progress=progress)
+        else:
+            result = evaluate_folders(generated, ground_truth, out, evaluation_settings, method=method,
+                                      progress=progress)
+    except (EvaluationError, WeightsError, ValueError) as error:
+        console.print(f"[red]evaluate: {error}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(result.markdown, soft_wrap=True, markup=False)
+    if profile == "tiny":
+        console.print(f"[red]WARNING: {TINY_WARNING}[/red]")
+    console.print(f"tables in [bold]{result.out}[/bold]")
 
 
 if __name__ == "__main__":

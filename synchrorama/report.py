@@ -1,5 +1,6 @@
 """``synchrorama report``: one self-contained HTML page with plots of a run's tables, an AU summary and a
-sample of the clip descriptions (and the tiny-model warning when the run used tiny models)."""
+sample of the clip descriptions (and the tiny-model warning when the run used tiny models, and a warning when the
+out_dir holds no complete publish)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from shards.tables import (  # noqa: E402
     ACTION_UNITS_TABLE,
     CLIPS_TABLE,
     DESCRIPTIONS_TABLE,
+    PUBLISHING_MARKER,
     STAGE_TIMINGS_TABLE,
     TABLES_DIR,
     read_table,
@@ -128,6 +130,11 @@ def write_report(out_dir: Path, path: Path | None = None) -> Path:
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     warning = (f'<p style="color:#b00;font-weight:bold">WARNING: {html.escape(summary["warning"])}</p>'
                if summary.get("warning") else "")
+    if (out_dir / PUBLISHING_MARKER).exists() or summary.get("status") != "complete":
+        # the tables plotted here may not be the ones the shards hold: say so rather than look authoritative
+        warning += ('<p style="color:#b00;font-weight:bold">WARNING: this out_dir holds no complete publish '
+                    f'({PUBLISHING_MARKER} present or summary.json not committed): shards and tables may disagree; '
+                    'run synchrorama validate</p>')
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>preprocess report: {html.escape(str(out_dir))}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse;margin-bottom:1em}}
 td,th{{border:1px solid #ccc;padding:2px 8px}} img{{margin:4px}}</style></head><body>

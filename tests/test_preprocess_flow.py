@@ -101,9 +101,10 @@ def test_second_run_does_no_stage_work_and_threshold_change_reruns_only_filters(
     assert timings and all(row["cached"] for row in timings)
     assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")} == shard_bytes
 
-    # A stricter yaw threshold: no stage output changes, only the verdicts.
+    # A stricter yaw threshold: no stage output changes, only the verdicts. It keeps no clip, which replaces the
+    # published shards only when asked to (tests/test_run_commit.py).
     preprocess(dataset="folder", raw_dir=str(raw_folder), out_dir=str(out), profile="tiny",
-               overrides={"filters": {"max_abs_yaw_deg": 0.01}})
+               overrides={"filters": {"max_abs_yaw_deg": 0.01}}, replace_with_empty=True)
     timings = pq.read_table(out / TABLES_DIR / STAGE_TIMINGS_TABLE).to_pylist()
     assert all(row["cached"] for row in timings)
     clips = _clips(out)

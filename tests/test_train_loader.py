@@ -105,7 +105,8 @@ def _spec(stage="stage2", **kwargs):
 
 
 def test_windows_have_the_stage_shapes_and_bad_clips_are_skipped(shard_dir):
-    dataset = TrainingWindows(shard_dir, _spec(), batch_size=2, seed=0, shuffle_buffer=4)
+    # 1 junk clip of 5 (20%) is more than the default max_skip_fraction (10%): this test is about the skip itself
+    dataset = TrainingWindows(shard_dir, _spec(), batch_size=2, seed=0, shuffle_buffer=4, max_skip_fraction=0.5)
     batches = list(itertools.islice(iter(dataset), 4))
     m, t = 2, 4
     batch = batches[0]
@@ -148,7 +149,7 @@ def test_cached_features_are_used_when_present(tmp_path):
 def test_ranks_read_disjoint_clips_and_a_resumed_stream_continues_exactly(shard_dir):
     def dataset(rank=0, **kwargs):
         return TrainingWindows(shard_dir, _spec(), batch_size=1, seed=3, shuffle_buffer=3, rank=rank, world_size=2,
-                               **kwargs)
+                               max_skip_fraction=0.5, **kwargs)  # the junk clip is a quarter of a split's epoch
 
     full = list(itertools.islice(iter(dataset()), 6))
     resumed = list(itertools.islice(iter(dataset(start_positions={0: int(full[2]["position"][1])})), 3))
