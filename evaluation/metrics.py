@@ -26,13 +26,14 @@ frame count (``evaluation.evaluate`` makes them so). Where a well-kept implement
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import scipy.linalg
 import torch
-from torchmetrics.functional import concordance_corrcoef, peak_signal_noise_ratio
+from torchmetrics.functional import concordance_corrcoef
 from torchmetrics.functional.classification import binary_f1_score
-from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from evaluation.networks import FVD_FRAMES, i3d_features
 
@@ -86,7 +87,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         raise ValueError(f"need two (N >= 2, D) feature sets of one width, got {a.shape} and {b.shape}")
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+    with warnings.catch_warnings():  # a singular product is expected for few samples; handled just below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():  # singular product: pytorch-fid's small diagonal offset
         offset = np.eye(len(s1)) * 1e-6
         covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
