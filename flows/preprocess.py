@@ -6,7 +6,8 @@ progress stage by stage, model stages can later batch across clips, and stages t
 ``preprocess.pipeline``, which does the caching, so a re-run with nothing changed does no stage work and a
 killed run resumes where it stopped.
 
-After filter-and-split, the audio and emotion stages are mapped over the kept pieces, one task per stage
+After filter-and-split, the sync check (sync-check: SyncNet offset and confidence; it may shift a piece's audio or
+reject it ``out_of_sync``), then the audio and emotion stages are mapped over the kept pieces, one task per stage
 (separate-vocals, transcribe, text-emotion, speech-emotion, valence-arousal, wav2vec), then the visual and
 semantic ones (action-units, describe, text-embedding, and vae-latents when enabled). The model stages carry
 the ``gpu`` tag (``prefect concurrency-limit create gpu 1`` serialises them on one GPU). Each loads its model
@@ -39,7 +40,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from preprocess.discover import DATASETS, discover_candidates
+from preprocess.discover import DATASETS, discover_candidates, looked_for
 from preprocess.failures import (
     FAILURE_REASONS,
     RunFailed,
@@ -63,6 +64,7 @@ from preprocess.pipeline import (
     run_separate,
     run_speech_emotion,
     run_standardise,
+    run_sync,
     run_text_embedding,
     run_text_emotion,
     run_transcribe,
@@ -78,7 +80,7 @@ from shards.schema import SHARD_NAME_PATTERN
 from shards.tables import SHARDS_DIR
 from synchrorama.run_lock import hold_output_lock
 
-PIECE_STAGES = (*AUDIO_STAGES, *VISUAL_STAGES)
+PIECE_STAGES = ("sync", *AUDIO_STAGES, *VISUAL_STAGES)
 
 # Our own cache (in out_dir) decides what is redone, so Prefect's result cache is off for every task.
 _stage = {"cache_policy": NONE, "persist_result": False}
@@ -120,6 +122,11 @@ def select_task(job: ClipJob, settings: PreprocessSettings, out_dir: str) -> lis
 
 
 _model_stage = {**_stage, "tags": ["gpu"]}
+
+
+@task(name="sync-check", **_model_stage)
+def sync_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
+    return run_sync(piece, settings, Workspace(Path(out_dir)))
 
 
 @task(name="separate-vocals", **_model_stage)
@@ -231,8 +238,11 @@ def process_clips(candidates: list[Candidate], settings: PreprocessSettings, out
     kept = [outcome for outcome in outcomes if outcome.kept]
     if not kept:
         return outcomes
-    pieces = separate_task.with_options(**limit).map(kept, *args)
-    piece_stages = [("separate", pieces)]
+    # the sync check runs first: it may reject a piece or shift its audio, which every audio stage then reads
+    pieces = sync_task.with_options(**limit).map(kept, *args)
+    piece_stages = [("sync", pieces)]
+    pieces = separate_task.with_options(**limit).map(pieces, *args)
+    piece_stages.append(("separate", pieces))
     for stage, piece_task in PIECE_TASKS:
         pieces = piece_task.with_options(**limit).map(pieces, *args)
         piece_stages.append((stage, pieces))
@@ -284,13 +294,10 @@ def _refuse_empty_publish(outcomes: list[PieceOutcome], out: Path) -> None:
         f"replace_with_empty=true (prefect: -p replace_with_empty=true)")
 
 
-def _no_candidates_message(dataset: str, raw_dir: Path, annotations_dir: Path | None, pattern: str) -> str:
-    if dataset == "hdtf":
-        looked_for = (f"HDTF annotation files (*_video_url.txt, ...) in {annotations_dir or raw_dir} (or the shipped "
-                      f"copy) and their Name.mp4 videos in {raw_dir}")
-    else:
-        looked_for = f"video files matching pattern {pattern!r} under raw_dir {raw_dir}"
-    return (f"no candidate clips for dataset {dataset!r}: looked for {looked_for}; check raw_dir, dataset and "
+def _no_candidates_message(dataset: str, raw_dir: Path, annotations_dir: Path | None, pattern: str,
+                           settings: PreprocessSettings | None = None) -> str:
+    looked = looked_for(dataset, raw_dir, annotations_dir, pattern, settings.layouts if settings else None)
+    return (f"no candidate clips for dataset {dataset!r}: looked for {looked}; check raw_dir, dataset and "
             f"pattern; nothing was written")
 
 
@@ -308,12 +315,13 @@ def preprocess(
 ) -> dict[str, Any]:
     """Turn raw talking-face videos into 512x512, 25 fps clips in WebDataset shards plus parquet tables.
 
-    dataset: "hdtf" (annotation files + Name.mp4 videos) or "folder"/"vfhq"/"mead" (any tree of videos).
+    dataset: "hdtf" (annotation files + Name.mp4 videos), "vfhq" (per-clip meta-info files + <video id>.mp4
+        videos), "mead" (<subject>/video/<view>/... paired with <subject>/audio/...) or "folder" (any tree of videos).
     raw_dir: the videos (for HDTF also the annotation files, else the project's shipped copy is used).
     out_dir: where shards/, tables/, work/ (the resumable cache) and summary.json are written. One run per
         out_dir: a run on an out_dir that another run holds fails at once (``OutputLocked``).
     profile: settings profile: "default" (real model references) or "tiny" (locally built tiny models).
-    annotations_dir: HDTF annotation files, when not in raw_dir.
+    annotations_dir: HDTF annotation files, when not in raw_dir; VFHQ meta-info files (default raw_dir/meta_info).
     pattern: glob of videos under raw_dir for folder datasets.
     overrides: nested settings overrides, e.g. {"filters": {"max_abs_yaw_deg": 30}}.
     limit: process only the first N candidates (sorted by id), for a quick look.
@@ -329,9 +337,9 @@ def preprocess(
     # instead of deleting this run's temp files and publishing over it. The kernel frees it if we are killed.
     with hold_output_lock(out, f"preprocess {dataset} (flow run {flow_run.id})"):
         raw, annotations = Path(raw_dir).resolve(), Path(annotations_dir).resolve() if annotations_dir else None
-        candidates, issues = discover_candidates(dataset, raw, annotations, pattern)
+        candidates, issues = discover_candidates(dataset, raw, annotations, pattern, settings.layouts)
         if not candidates:
-            raise RunFailed(_no_candidates_message(dataset, raw, annotations, pattern))
+            raise RunFailed(_no_candidates_message(dataset, raw, annotations, pattern, settings))
         if limit is not None:
             candidates = candidates[:limit]
         logger.info("%d candidate clips from %s (%s), %d annotation issues; output in %s",

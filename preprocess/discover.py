@@ -1,4 +1,5 @@
-"""Finding the candidate clips of a dataset: HDTF's annotation files, or any folder tree of videos.
+"""Finding the candidate clips of a dataset: HDTF's annotation files, VFHQ's meta-info files
+(``preprocess/vfhq.py``), MEAD's subject folders (``preprocess/mead.py``), or any folder tree of videos.
 
 No name can stop a run: whatever the discovered names are, ``discover_candidates`` returns candidates that
 are safe to pass on (``settle_candidates``, applied to every dataset kind):
@@ -26,14 +27,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from preprocess.records import AnnotationIssue, Candidate
+from preprocess.settings import LayoutSettings
 from shards.schema import CLIP_ID_PATTERN
 
 # the containers talking-head collections come in; anything else in a folder (notes, audio, frames) is not a clip
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
                     ".wmv", ".3gp", ".ogv")
 SHIPPED_HDTF_ANNOTATIONS = Path(__file__).resolve().parent.parent / "data" / "hdtf_annotations"
-FOLDER_DATASETS = ("folder", "vfhq", "mead")
-DATASETS = ("hdtf", *FOLDER_DATASETS)
+FOLDER_DATASETS = ("folder",)  # plain trees of videos; vfhq and mead have readers of their real layouts
+DATASETS = ("hdtf", *FOLDER_DATASETS, "vfhq", "mead")
 # Reject reasons given at discovery (before any stage runs), for names and entries that cannot be read as videos.
 DISCOVERY_REASONS = ("bad_name", "unsafe_path", "link_outside_raw_dir", "broken_link", "symlink_loop",
                      "not_a_file", "unreadable")
@@ -184,6 +186,23 @@ def folder_candidates(raw_dir: Path, dataset: str = "folder", pattern: str = "**
     return settle_candidates(candidates)
 
 
+def looked_for(dataset: str, raw_dir: Path, annotations_dir: Path | None = None, pattern: str = "**/*",
+               layouts: LayoutSettings | None = None) -> str:
+    """What discovery looked for, in words, for the error of a run that found no candidates."""
+    if dataset == "hdtf":
+        return (f"HDTF annotation files (*_video_url.txt, ...) in {annotations_dir or raw_dir} (or the shipped copy) "
+                f"and their Name.mp4 videos in {raw_dir}")
+    if dataset == "vfhq":
+        from preprocess.vfhq import looked_for as vfhq_looked_for
+
+        return vfhq_looked_for(raw_dir, annotations_dir)
+    if dataset == "mead":
+        from preprocess.mead import looked_for as mead_looked_for
+
+        return mead_looked_for(raw_dir, (layouts or LayoutSettings()).mead_views)
+    return f"video files matching pattern {pattern!r} under raw_dir {raw_dir}"
+
+
 def _json_safe_issue(issue: AnnotationIssue) -> AnnotationIssue:
     """An issue whose text fields are valid UTF-8 (a non-UTF-8 annotations_dir shows up in ``file``)."""
     if all(is_utf8(text) for text in (issue.file, issue.subject, issue.detail)):
@@ -193,11 +212,14 @@ def _json_safe_issue(issue: AnnotationIssue) -> AnnotationIssue:
 
 
 def discover_candidates(
-    dataset: str, raw_dir: Path, annotations_dir: Path | None = None, pattern: str = "**/*"
+    dataset: str, raw_dir: Path, annotations_dir: Path | None = None, pattern: str = "**/*",
+    layouts: LayoutSettings | None = None,
 ) -> tuple[list[Candidate], list[AnnotationIssue]]:
     """Candidates (settled: see ``settle_candidates``) and annotation issues for a dataset kind. For HDTF,
     annotation files are looked for in ``annotations_dir``, else in ``raw_dir`` when it holds them, else the copy
-    shipped with the project. Raises only for a bad ``raw_dir`` or dataset kind, never for a bad name."""
+    shipped with the project. VFHQ: its per-clip meta-info files (``preprocess/vfhq.py``); MEAD: its subject
+    folders, with the views of ``layouts.mead_views`` (``preprocess/mead.py``). Raises only for a bad ``raw_dir``
+    or dataset kind, never for a bad name."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise FileNotFoundError(f"raw_dir {display_path(raw_dir)} is not a directory; pass the folder of videos")
@@ -207,6 +229,14 @@ def discover_candidates(
         if annotations_dir is None:
             annotations_dir = raw_dir if any(raw_dir.glob("*_annotion_time.txt")) else SHIPPED_HDTF_ANNOTATIONS
         candidates, issues = hdtf_candidates(Path(annotations_dir), raw_dir)
+    elif dataset == "vfhq":
+        from preprocess.vfhq import vfhq_candidates
+
+        candidates, issues = vfhq_candidates(raw_dir, annotations_dir)
+    elif dataset == "mead":
+        from preprocess.mead import mead_candidates
+
+        candidates, issues = mead_candidates(raw_dir, (layouts or LayoutSettings()).mead_views)
     elif dataset in FOLDER_DATASETS:
         candidates, issues = folder_candidates(raw_dir, dataset, pattern), []
     else:

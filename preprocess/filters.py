@@ -10,31 +10,45 @@ Besides the face and pose filters, two audio filters: ``audio_missing`` when mor
 ``max_audio_padded_fraction`` of the piece's audio is silence that standardise padded in because the source's
 audio track ended early, and ``no_speech`` when fewer than ``min_speech_fraction`` of its frames lie in speech
 segments found by Silero VAD (``preprocess.speech_activity``, run once per standardised clip).
+
+Shots: for the datasets in ``shots.datasets`` (folder, VFHQ, MEAD; not HDTF, whose annotated windows are single
+shots) the clip is first divided at its shot cuts (``preprocess.shots``, as LatentSync splits every video with
+PySceneDetect before anything else) and each shot is then split as above, so no piece spans a cut; a shot
+shorter than ``min_clip_s`` becomes a ``too_short`` piece. Two picture filters: ``identity_change`` when the
+tracked face's proportions change within the piece (``preprocess.identity``) and ``blurry`` when the median
+face-crop sharpness is below ``min_sharpness`` (``preprocess.frame_quality``; off by default).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from preprocess.identity import identity_change, identity_model
 from preprocess.locate import FaceSurvey
 from preprocess.records import Rejection
 from preprocess.settings import FilterSettings
+from preprocess.shots import shot_ranges
 
 
-def plan_pieces(n_frames: int, fps: int, max_clip_s: float) -> list[tuple[int, int]]:
-    """Frame ranges [start, end) covering the clip in equal pieces of at most ``max_clip_s``."""
+def plan_pieces(n_frames: int, fps: int, max_clip_s: float, cuts: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """Frame ranges [start, end) covering the clip: each shot between ``cuts`` (frames that start a new shot,
+    ``preprocess.shots``) is split into equal pieces of at most ``max_clip_s``, so no piece spans a cut. A shot
+    shorter than ``min_clip_s`` still gets its piece, which the filters then reject ``too_short``."""
     max_frames = int(math.floor(max_clip_s * fps))
-    n_pieces = max(1, math.ceil(n_frames / max_frames))
-    base, extra = divmod(n_frames, n_pieces)
-    ranges, start = [], 0
-    for index in range(n_pieces):
-        end = start + base + (1 if index < extra else 0)
-        ranges.append((start, end))
-        start = end
-    return ranges
+    ranges = []
+    for shot_start, shot_end in shot_ranges(n_frames, cuts):
+        n_pieces = max(1, math.ceil((shot_end - shot_start) / max_frames))
+        base, extra = divmod(shot_end - shot_start, n_pieces)
+        start = shot_start
+        for index in range(n_pieces):
+            end = start + base + (1 if index < extra else 0)
+            ranges.append((start, end))
+            start = end
+    return ranges or [(0, n_frames)]
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,11 @@ class PieceStats:
     face_px_median: float | None
     speech_fraction: float | None = None  # frames in Silero VAD speech segments
     audio_padded_fraction: float | None = None  # audio samples that standardise padded with silence
+    # picture quality (preprocess.frame_quality, preprocess.identity); None when not measured
+    sharpness: float | None = None  # median Laplacian variance of the 128 px grey face crop over sampled frames
+    identity_change: float | None = None  # identity signature spread within the piece (0: one face throughout)
+    n_shot_cuts: int | None = None  # cuts found in the whole candidate; None: shot detection off for the dataset
+    shot_index: int | None = None  # the shot (0-based, between cuts) the piece lies in
 
     def as_row(self) -> dict:
         return asdict(self)
@@ -69,10 +88,14 @@ def audio_padding_per_frame(n_frames: int, samples_per_frame: int, padded_sample
 def piece_stats(
     pose: np.ndarray, survey: FaceSurvey, frames: tuple[int, int], fps: int, settings: FilterSettings,
     speech_flags: np.ndarray | None = None, audio_padding: np.ndarray | None = None,
+    *, landmarks: np.ndarray | None = None, sharpness: np.ndarray | None = None, cuts: Sequence[int] | None = None,
 ) -> PieceStats:
     """Statistics of frames [start, end) of a clip. ``pose`` (n_frames, 3) yaw/pitch/roll (NaN: no face);
     ``speech_flags`` (n_frames,) 1 where Silero VAD found speech; ``audio_padding`` (n_frames,) share of each
-    frame's audio that is padding (``audio_padding_per_frame``). Without them the audio stats stay None."""
+    frame's audio that is padding (``audio_padding_per_frame``). Without them the audio stats stay None.
+    ``landmarks`` (n_frames, n_landmarks, 3) give ``identity_change``; ``sharpness`` (n_frames,) face-crop
+    Laplacian variance, NaN where not measured (``preprocess.frame_quality``); ``cuts`` the frames that start a
+    shot in the whole clip (None: shot detection is off for this dataset)."""
     start, end = frames
     piece_pose = pose[start:end]
     has_face = ~np.isnan(piece_pose[:, 0])
@@ -100,7 +123,22 @@ def piece_stats(
         face_px_median=round(float(np.median(heights)), 1) if len(heights) else None,
         speech_fraction=_share(speech_flags, start, end),
         audio_padded_fraction=_share(audio_padding, start, end),
+        sharpness=_median(sharpness, start, end),
+        identity_change=None if landmarks is None else identity_change(
+            identity_model(settings.identity.model), landmarks[start:end], settings.identity.window_frames,
+            settings.identity.percentile, settings.identity.min_windows),
+        n_shot_cuts=None if cuts is None else len(cuts),
+        shot_index=None if cuts is None else sum(1 for cut in cuts if cut <= start),
     )
+
+
+def _median(per_frame: np.ndarray | None, start: int, end: int) -> float | None:
+    """Median of the measured (finite) values of frames [start, end); None when none was measured."""
+    if per_frame is None:
+        return None
+    piece = np.asarray(per_frame, np.float64)[start:end]
+    piece = piece[np.isfinite(piece)]
+    return round(float(np.median(piece)), 2) if len(piece) else None
 
 
 def _share(per_frame: np.ndarray | None, start: int, end: int) -> float | None:
@@ -135,6 +173,14 @@ def judge_piece(stats: PieceStats, settings: FilterSettings) -> Rejection | None
     if stats.speech_fraction is not None and stats.speech_fraction < settings.min_speech_fraction:
         failures.append(("no_speech", f"speech (Silero VAD) in {stats.speech_fraction:.0%} of frames "
                                       f"< {settings.min_speech_fraction:.0%}"))
+    if (settings.max_identity_change is not None and stats.identity_change is not None
+            and stats.identity_change > settings.max_identity_change):
+        failures.append(("identity_change", f"the tracked face's proportions ({settings.identity.model}) vary by "
+                                            f"{stats.identity_change:.3f} > {settings.max_identity_change} within the "
+                                            "piece: another person (if not, raise filters.max_identity_change)"))
+    if settings.min_sharpness is not None and stats.sharpness is not None and stats.sharpness < settings.min_sharpness:
+        failures.append(("blurry", f"median face-crop Laplacian variance {stats.sharpness:.1f} "
+                                   f"< {settings.min_sharpness}"))
     if not failures:
         return None
     return Rejection("filters", failures[0][0], "; ".join(f"{code}: {text}" for code, text in failures))

@@ -9,8 +9,10 @@ that clip (not cached, so the next run retries it) instead of stopping the run, 
 environment (``preprocess.failures``: imports, model loading, CUDA, memory, disk), which stops the run.
 
 Filter-and-split (``run_select``) first runs Silero VAD once over the standardised clip (its own cached stage,
-``speech_activity``), for each piece's ``speech_fraction``. The audio stages (``run_separate`` ... ``run_wav2vec``)
-run on each kept piece after it. Their keys hash the piece's content key (or the upstream audio stage's key;
+``speech_activity``), for each piece's ``speech_fraction``. The sync check (``run_sync``, ``preprocess.sync_check``)
+runs on each kept piece next: it may reject it ``out_of_sync`` or shift its audio (the piece then lives in the sync
+stage's directory). The audio stages (``run_separate`` ... ``run_wav2vec``) run on each kept piece after it.
+Their keys hash the piece's content key (or the upstream audio stage's key;
 separation, which reads the source file, hashes the source's content and the piece's range in it), the stage's
 settings and the model reference (``ModelChoice`` fingerprint); a model is loaded only inside ``compute``, so a
 cached re-run never loads one. Their results (the JSON the stage returned, plus ``key`` and ``dir``) accumulate in
@@ -22,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import traceback
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,23 +33,28 @@ import numpy as np
 
 from preprocess.action_units import AUBackend, ExportedAUs, GeometricAUs
 from preprocess.cache import StageCache, file_fingerprint, stable_hash
-from preprocess.crop import choose_crop_box
+from preprocess.crop import choose_crop
 from preprocess.cut import cut_piece
 from preprocess.describe import sample_frames_uniformly
 from preprocess.face_models import mediapipe_version
 from preprocess.faces import LANDMARKS_FILE, POSE_FILE, FaceTrack, track_faces
 from preprocess.failures import EnvironmentFailure, is_environment_error
 from preprocess.filters import PieceStats, audio_padding_per_frame, judge_piece, piece_stats, plan_pieces
+from preprocess.frame_quality import FrameQuality, measure_frame_quality
 from preprocess.locate import FaceSurvey, survey_faces
 from preprocess.media import iter_rgb_frames
 from preprocess.probe import probe_video
 from preprocess.records import Candidate, CropBox, ProbeResult, Rejection
 from preprocess.separate import separate_vocals
 from preprocess.settings import ModelChoice, PreprocessSettings
+from preprocess.shots import find_cuts
 from preprocess.speech_activity import SPEECH_FLAGS_FILE, measure_speech_activity, silero_identity
 from preprocess.speech_emotion import classify_speech
-from preprocess.stage_models import is_tiny_reference, load_model
+from preprocess.stage_models import is_tiny_reference, load_model, local_path
 from preprocess.standardise import VIDEO_FILE, StandardisedClip, standardise_clip
+from preprocess.sync_check import REASON as OUT_OF_SYNC
+from preprocess.sync_check import SIZE_SUFFIX as SYNC_SIZE_SUFFIX
+from preprocess.sync_check import check_sync
 from preprocess.text_emotion import score_transcript
 from preprocess.transcribe import transcribe_vocals
 from preprocess.valence_arousal import valence_arousal_windows
@@ -54,7 +62,8 @@ from preprocess.wav2vec_features import wav2vec_frames
 
 log = logging.getLogger(__name__)
 
-STAGE_VERSIONS = {"probe": 1, "locate": 1, "standardise": 3, "faces": 1, "speech_activity": 1, "pieces": 1,
+STAGE_VERSIONS = {"probe": 1, "locate": 2, "standardise": 3, "faces": 1, "speech_activity": 1, "frame_quality": 1, "pieces": 1,
+                  "sync": 1,
                   "separate": 2,
                   "transcribe": 1, "text_emotion": 1, "speech_emotion": 2, "valence_arousal": 1, "wav2vec": 2,
                   "action_units": 1, "describe": 1, "text_embedding": 1, "latents": 1}
@@ -82,6 +91,7 @@ class ClipJob:
     survey: FaceSurvey | None = None
     crop_box: CropBox | None = None
     crop_method: str | None = None
+    crop_max_speed: float | None = None  # a face track's fastest move, crop sides per second; None: a fixed crop
     standardised: StandardisedClip | None = None
     standardise_key: str | None = None
     faces: FaceTrack | None = None
@@ -191,12 +201,15 @@ def run_locate(job: ClipJob, settings: PreprocessSettings, workspace: Workspace)
             # too short whatever happens next: skip the expensive stages
             return _reject(job, Rejection("filters", "too_short",
                                           f"{job.duration_s:.2f}s < {settings.filters.min_clip_s}s"))
+        # faces under filters.min_face_px never count as speakers (face_counts), so that threshold is an input too
         key = stable_hash("locate", STAGE_VERSIONS["locate"], job.source_sha256, job.candidate.start_s,
-                          job.duration_s, settings.locate.fingerprint(), mediapipe_version())
+                          job.duration_s, settings.locate.fingerprint(), mediapipe_version(),
+                          settings.filters.min_face_px)
 
         def compute(_: Path) -> dict:
             return _encode(survey_faces(job.candidate.source, job.probe, job.candidate.start_s, job.duration_s,
-                                        settings.locate, limits=settings.media))
+                                        settings.locate, limits=settings.media,
+                                        min_face_px=settings.filters.min_face_px))
 
         stored, cached = workspace.cache.run("locate", key, compute)
         result = _decode(stored, FaceSurvey)
@@ -210,20 +223,31 @@ def run_locate(job: ClipJob, settings: PreprocessSettings, workspace: Workspace)
 
 def run_standardise(job: ClipJob, settings: PreprocessSettings, workspace: Workspace) -> ClipJob:
     def body() -> ClipJob:
-        choice = choose_crop_box(job.candidate, job.probe, job.survey, settings.locate)
+        fps = settings.standardise.fps
+        # a frame more than the encode can give: the track covers every output frame
+        choice = choose_crop(job.candidate, job.probe, job.survey, settings.locate, fps,
+                             math.ceil(job.duration_s * fps) + 1)
         if isinstance(choice, Rejection):
             return _reject(job, choice)
-        box, method, crop_notes = choice
+        box, method, crop_notes, track = choice.box, choice.method, choice.notes, choice.track
+        # a moving crop's path is part of the key (only then, so that fixed-box keys stay as they were)
+        track_key = [stable_hash(track.side, track.xs, track.ys)] if track else []
+        # a separate audio file (MEAD's microphone) is an input too: its content is part of the key (only then, so
+        # that the keys of every other clip stay as they were)
+        audio_source = job.candidate.audio_source
+        audio_key = [workspace.fingerprint(Path(audio_source))] if audio_source else []
         key = stable_hash("standardise", STAGE_VERSIONS["standardise"], job.source_sha256, job.candidate.start_s,
-                          job.duration_s, box, settings.standardise.fingerprint())
+                          job.duration_s, box, settings.standardise.fingerprint(), *audio_key, *track_key)
 
         def compute(out_dir: Path) -> dict:
             return _encode(standardise_clip(job.candidate.source, job.candidate.start_s, job.duration_s, box,
-                                            settings.standardise, out_dir, limits=settings.media))
+                                            settings.standardise, out_dir, limits=settings.media,
+                                            audio_source=audio_source, crop_track=track))
 
         stored, cached = workspace.cache.run("standardise", key, compute)
         result = _decode(stored, StandardisedClip)
-        timed = replace(job, crop_box=box, crop_method=method, notes=job.notes + crop_notes,
+        timed = replace(job, crop_box=box, crop_method=method, crop_max_speed=track.max_speed if track else None,
+                        notes=job.notes + crop_notes,
                         timings=job.timings + (StageTiming("standardise", stored["seconds"], cached),))
         if isinstance(result, Rejection):
             return _reject(timed, result)
@@ -262,11 +286,21 @@ def run_select(job: ClipJob, settings: PreprocessSettings, workspace: Workspace)
         speech_flags, job = _speech_activity(job, settings, workspace)
         padding = audio_padding_per_frame(job.standardised.n_frames, job.standardised.sample_rate // fps,
                                           job.standardised.audio_padded_samples)
-        ranges = plan_pieces(job.standardised.n_frames, fps, settings.filters.max_clip_s)
+        landmarks = np.load(workspace.cache.entry_dir("faces", job.faces_key) / LANDMARKS_FILE)
+        quality, job = _frame_quality(job, landmarks, settings, workspace)
+        if isinstance(quality, Rejection):
+            return [PieceOutcome(clip_id=job.candidate.candidate_id, job=job, rejection=quality)]
+        content_scores, sharpness = quality
+        shots = settings.filters.shots
+        # HDTF's annotated windows are single shots: cuts are looked for only in the datasets named in the settings
+        cuts = (find_cuts(content_scores, shots.threshold, shots.min_shot_frames)
+                if job.candidate.dataset in shots.datasets else None)
+        ranges = plan_pieces(job.standardised.n_frames, fps, settings.filters.max_clip_s, cuts or ())
         outcomes = []
         for index, frames in enumerate(ranges):
             clip_id = job.candidate.candidate_id if len(ranges) == 1 else f"{job.candidate.candidate_id}_p{index}"
-            stats = piece_stats(pose, job.survey, frames, fps, settings.filters, speech_flags, padding)
+            stats = piece_stats(pose, job.survey, frames, fps, settings.filters, speech_flags, padding,
+                                landmarks=landmarks, sharpness=sharpness, cuts=cuts)
             outcome = PieceOutcome(clip_id=clip_id, job=job, piece_index=index, n_pieces=len(ranges),
                                    frames=frames, stats=stats, rejection=judge_piece(stats, settings.filters))
             if outcome.rejection is None:
@@ -291,6 +325,25 @@ def _speech_activity(job: ClipJob, settings: PreprocessSettings, workspace: Work
         measure_speech_activity(audio, job.standardised.fps, chosen, out_dir)))
     flags = np.load(workspace.cache.entry_dir("speech_activity", key) / SPEECH_FLAGS_FILE)
     return flags, replace(job, timings=job.timings + (StageTiming("speech_activity", stored["seconds"], cached),))
+
+
+def _frame_quality(job: ClipJob, landmarks: np.ndarray, settings: PreprocessSettings, workspace: Workspace,
+                   ) -> tuple[tuple[np.ndarray, np.ndarray] | Rejection, ClipJob]:
+    """One decode of the standardised clip (cached stage ``frame_quality``): per-frame content scores (n_frames,)
+    for the shot cuts and face-crop sharpness (n_frames,), NaN where not sampled; and the job with its timing."""
+    chosen = settings.filters.frame_quality
+    key = stable_hash("frame_quality", STAGE_VERSIONS["frame_quality"], job.standardise_key, job.faces_key,
+                      chosen.fingerprint())
+    clip_dir = workspace.cache.entry_dir("standardise", job.standardise_key)
+    stored, cached = workspace.cache.run("frame_quality", key, lambda out_dir: _encode(measure_frame_quality(
+        clip_dir / job.standardised.video, job.standardised.size, job.standardised.fps,
+        landmarks.astype(np.float32), chosen, out_dir, limits=settings.media)))
+    job = replace(job, timings=job.timings + (StageTiming("frame_quality", stored["seconds"], cached),))
+    result = _decode(stored, FrameQuality)
+    if isinstance(result, Rejection):
+        return result, job
+    out_dir = workspace.cache.entry_dir("frame_quality", key)
+    return (np.load(out_dir / result.content_scores), np.load(out_dir / result.sharpness)), job
 
 
 def _cut(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
@@ -340,10 +393,50 @@ def _vocals(outcome: PieceOutcome) -> Path:
 
 
 def piece_source_range(outcome: PieceOutcome) -> tuple[float, float]:
-    """(start, duration) in seconds of the source that a piece's frames cover: the candidate's start as
-    standardise seeks it (to the millisecond) plus the piece's first frame, and its frames' duration."""
+    """(start, duration) in seconds of the source that a piece's audio covers: the candidate's start as
+    standardise seeks it (to the millisecond) plus the piece's first frame, minus the shift the sync stage applied
+    to its clip.wav (audio delayed by k frames starts k frames earlier in the source), and its frames' duration."""
     fps, (start, end) = outcome.job.standardised.fps, outcome.frames
-    return round(outcome.job.candidate.start_s, 3) + start / fps, (end - start) / fps
+    shift = outcome.features.get("sync", {}).get("shift_applied_frames", 0)
+    return round(outcome.job.candidate.start_s, 3) + (start - shift) / fps, (end - start) / fps
+
+
+def _sync_weights_identity(choice: ModelChoice, workspace: Workspace) -> list:
+    """The content of the sync expert's weights (and sizes) files: a retrained file at the same path is a new
+    model. Memoised by path, size and mtime (``Workspace.fingerprint``), so it is hashed once per run."""
+    path = local_path(choice.model)
+    files = [path, Path(f"{path}{SYNC_SIZE_SUFFIX}")] if path is not None else []
+    return [workspace.fingerprint(file) if file.is_file() else None for file in files]
+
+
+def run_sync(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    """The sync-expert filter (``preprocess.sync_check``) on a kept piece, after the cut and before every audio
+    stage: the AV offset and confidence (``features["sync"]``), then one of: kept as is; kept with its audio
+    shifted (files_dir and content_key become the stage's corrected piece, noted ``av_shift:<+k>``, so that every
+    later stage and the shard see the corrected audio, and separation reads the shifted source range); or
+    rejected ``out_of_sync``. Keyed on the piece's content key, the sync settings and the model identity with its
+    weights' content hash."""
+    chosen, choice = settings.sync, settings.models.sync_expert
+    if not outcome.kept or not chosen.enabled:
+        return outcome
+
+    def compute(out_dir: Path) -> dict:
+        return asdict(check_sync(Path(outcome.files_dir), load_model("sync_expert", choice).model, chosen, out_dir,
+                                 clip_size=settings.standardise.size, fps=outcome.job.standardised.fps,
+                                 batch_size=choice.batch_size, limits=settings.media))
+
+    checked = _run_piece_stage("sync", outcome, workspace, [
+        outcome.content_key, chosen.fingerprint(), _model_identity(choice),
+        *_sync_weights_identity(choice, workspace)], compute)
+    entry = checked.features.get("sync")
+    if entry is None:  # the stage crashed: already rejected ``error``
+        return checked
+    if entry["decision"] == OUT_OF_SYNC:
+        return replace(checked, rejection=Rejection("sync", OUT_OF_SYNC, entry["detail"]))
+    if entry["audio"]:
+        job = replace(checked.job, notes=checked.job.notes + (f"av_shift:{entry['shift_applied_frames']:+d}",))
+        return replace(checked, job=job, files_dir=entry["dir"], content_key=entry["key"])
+    return checked
 
 
 def run_separate(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
@@ -355,14 +448,17 @@ def run_separate(outcome: PieceOutcome, settings: PreprocessSettings, workspace:
     start_s, duration_s = piece_source_range(outcome)
     clip = job.standardised
     n_samples = (outcome.frames[1] - outcome.frames[0]) * (clip.sample_rate // clip.fps)
+    # the clip's sound comes from its separate audio file when it has one (MEAD's microphone), as in standardise
+    audio_input = job.candidate.audio_source or job.candidate.source
+    audio_sha256 = workspace.fingerprint(Path(audio_input)) if job.candidate.audio_source else job.source_sha256
 
     def compute(out_dir: Path) -> dict:
-        return asdict(separate_vocals(job.candidate.source, start_s, duration_s, n_samples, clip.sample_rate,
+        return asdict(separate_vocals(audio_input, start_s, duration_s, n_samples, clip.sample_rate,
                                       clip.gain_db, load_model("separation", choice), settings.audio.separation,
                                       out_dir, limits=settings.media))
 
     return _run_piece_stage("separate", outcome, workspace, [
-        job.source_sha256, start_s, duration_s, n_samples, clip.sample_rate, clip.gain_db,
+        audio_sha256, start_s, duration_s, n_samples, clip.sample_rate, clip.gain_db,
         settings.audio.separation.fingerprint(), _model_identity(choice)], compute)
 
 

@@ -29,6 +29,8 @@ def active_models(settings: PreprocessSettings) -> dict[str, ModelChoice]:
         active["text_encoder"] = models.text_encoder
     if settings.visual.latents.enabled:
         active["vae"] = models.vae
+    if settings.sync.enabled:
+        active["sync_expert"] = models.sync_expert
     return active
 
 

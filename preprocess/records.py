@@ -30,6 +30,13 @@ class Candidate:
     zooms the landmark-derived box used when no annotated box exists. ``notes`` lists annotation
     anomalies that did not prevent processing (e.g. ``crop_box_missing``); ``reject_reason`` is set when the
     candidate cannot be processed at all (e.g. ``missing_source``).
+
+    Dataset-layout fields (``preprocess/vfhq.py``, ``preprocess/mead.py``; None for the other datasets):
+    ``audio_source`` is a separate audio file to take the clip's audio from instead of the video's own track
+    (MEAD's microphone recording), cut over the same ``start_s``/``end_s``; ``annotation_file`` is the dataset file
+    the candidate was read from (VFHQ's per-clip meta-info, which also holds the per-frame landmarks:
+    ``preprocess.vfhq.read_frame_landmarks``); ``subject``, ``emotion`` and ``emotion_level`` are the recorded
+    speaker, acted emotion and its intensity (MEAD: ``M003``, ``angry``, 1-3), copied into the clips table.
     """
 
     candidate_id: str
@@ -43,6 +50,11 @@ class Candidate:
     notes: tuple[str, ...] = ()
     reject_reason: str | None = None
     reject_detail: str = ""
+    audio_source: str | None = None
+    annotation_file: str | None = None
+    subject: str | None = None
+    emotion: str | None = None
+    emotion_level: int | None = None
 
 
 @dataclass(frozen=True)

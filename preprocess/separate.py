@@ -69,8 +69,16 @@ def demucs_input(source: str, start_s: float, duration_s: float, model,
     """The source's first audio track over [start_s, start_s + duration_s), as the model takes it.
 
     Returns ``(mix, source_channels)``: ``mix`` is float32 (model.audio_channels, round(duration_s *
-    model.samplerate)) at ``model.samplerate``; audio the source lacks at the end is zeros. ``source_channels``
-    is what was decoded before a mono track was duplicated (1 or 2). ``limits``: ffmpeg's time limit."""
+    model.samplerate)) at ``model.samplerate``; audio the source lacks at the end is zeros, and so is the part of a
+    range that starts before 0 s (the sync stage delays a piece's audio by padding silence at its front: a piece at
+    the source's start then reads from a negative start). ``source_channels`` is what was decoded before a mono
+    track was duplicated (1 or 2). ``limits``: ffmpeg's time limit."""
+    if start_s < 0:
+        lead = int(round(-start_s * model.samplerate))
+        mix, source_channels = demucs_input(source, 0.0, max(0.0, start_s + duration_s), model, limits)
+        fitted = torch.zeros(mix.shape[0], int(round(duration_s * model.samplerate)))
+        fitted[:, lead:] = mix[:, :fitted.shape[1] - lead]
+        return fitted, source_channels
     channels, rate = int(model.audio_channels), int(model.samplerate)
     if channels not in (1, 2):
         raise ValueError(f"separation model takes {channels} audio channels; only mono and stereo models are supported")

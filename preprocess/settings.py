@@ -30,6 +30,14 @@ class _Section(BaseModel):
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+class LayoutSettings(_Section):
+    """How dataset layouts are read at discovery (``preprocess/vfhq.py``, ``preprocess/mead.py``)."""
+
+    mead_views: tuple[str, ...] = Field(
+        ("front",), min_length=1, description="MEAD camera views made into candidates (front, down, top, left_30, "
+        "left_60, right_30, right_60); every other view's videos are recorded as issues 'view_not_used'")
+
+
 class ProbeSettings(_Section):
     decode_check: bool = Field(True, description="decode a frame near the start and end to catch truncation")
 
@@ -47,6 +55,23 @@ class LocateSettings(_Section):
     )
     default_crop_ratio: float = Field(1.0, description="crop_ratio when the dataset gives none")
     prefer_landmark_box: bool = Field(False, description="ignore annotated boxes and always use landmarks")
+    # The crop that follows the face (preprocess/crop.py, docs/pipeline.md "The crop").
+    follow_face: bool = Field(
+        True, description="move the crop with the face's track (crop_method 'track'); False: one median box for the "
+        "whole candidate (crop_method 'landmarks'/'detector')")
+    track_smoothing_s: float = Field(
+        1.0, ge=0, description="the face track's centre is averaged over a window this long (s): removes detection "
+        "jitter; a steady drift passes unchanged")
+    max_crop_speed: float = Field(
+        0.5, gt=0, description="the crop's centre moves at most this many crop sides per second (a head turning or "
+        "walking moves ~0.1-0.3; faster is a detection jump, a cut or another face)")
+    annotated_box_face_margin: float = Field(
+        0.1, ge=0, description="an annotated box is kept while every sampled face box lies inside it give or take "
+        "this fraction of the face's side; a face leaving it further switches the clip to the face track")
+    min_speaker_face_fraction: float = Field(
+        0.5, ge=0, le=1, description="a face counts as a speaker (face_counts, multi_speaker) only when at least this "
+        "fraction of the largest face's height (and at least filters.min_face_px): a portrait, a TV or an audience "
+        "behind the speaker does not")
 
 
 class StandardiseSettings(_Section):
@@ -99,6 +124,39 @@ class SpeechActivitySettings(_Section):
     speech_pad_ms: int = Field(30, ge=0, description="each speech segment is widened by this on both sides")
 
 
+class ShotSettings(_Section):
+    """Shot-cut detection (``preprocess.shots``: an equivalent of PySceneDetect's ContentDetector, its defaults)."""
+
+    datasets: tuple[str, ...] = Field(
+        ("folder", "vfhq", "mead"), description="dataset kinds whose clips are split at shot cuts (HDTF's annotated "
+        "windows are single shots); the content scores are measured for every clip anyway")
+    threshold: float = Field(27.0, gt=0, description="content score (mean |HSV difference| of consecutive frames, "
+                             "0-255 scale) at or above which a frame starts a new shot; PySceneDetect's default")
+    min_shot_frames: int = Field(15, ge=1, description="a cut closer than this to the previous cut is ignored "
+                                 "(PySceneDetect's min_scene_len)")
+
+
+class FrameQualitySettings(_Section):
+    """What ``preprocess.frame_quality`` measures in its one decode of the standardised clip (part of its cache
+    key; the thresholds that judge the figures are in ``FilterSettings`` and re-judge without re-decoding)."""
+
+    analysis_size: int = Field(256, ge=16, description="frames are shrunk to this square side for the content "
+                               "score (PySceneDetect's automatic downscaling targets about 256 px wide)")
+    sharpness_fps: float = Field(5.0, gt=0, description="face sharpness is measured at this rate (every 5th frame)")
+    sharpness_crop_px: int = Field(128, ge=16, description="face crops are resized to this square side before the "
+                                   "Laplacian, so that sharpness compares across face sizes")
+
+
+class IdentitySettings(_Section):
+    """The identity-change score (``preprocess.identity``)."""
+
+    model: Literal["landmark_geometry"] = Field("landmark_geometry", description="the identity signature")
+    window_frames: int = Field(10, ge=1, description="signatures are median-pooled over windows of this many frames")
+    percentile: float = Field(80.0, ge=50, le=100, description="the score is this percentile of the pairwise "
+                              "window distances (80: a second face in ~11% of the windows shows in full)")
+    min_windows: int = Field(3, ge=2, description="fewer windows with a face: no score (null)")
+
+
 class FilterSettings(_Section):
     """Each filter's threshold; a clip failing one is rejected with that filter's reason code."""
 
@@ -108,7 +166,8 @@ class FilterSettings(_Section):
     min_face_px: float = Field(64.0, description="median detected face height in source pixels; below: face_too_small")
     max_abs_yaw_deg: float = Field(45.0, description="|yaw| above this counts as a side-profile frame")
     max_side_profile_fraction: float = Field(0.2, description="above this fraction of side-profile frames: side_profile")
-    max_multi_face_fraction: float = Field(0.2, description="above this fraction of sampled frames with 2+ faces: multi_speaker")
+    max_multi_face_fraction: float = Field(0.2, description="above this fraction of sampled frames with 2+ "
+                                           "speaker-size faces (locate.min_speaker_face_fraction): multi_speaker")
     min_speech_fraction: float = Field(
         0.3, ge=0, le=1, description="below this fraction of frames in Silero VAD speech segments: no_speech "
         "(a talking head speaks most of the time; music, silence and room noise score near 0)")
@@ -116,6 +175,39 @@ class FilterSettings(_Section):
         0.1, ge=0, le=1, description="above this fraction of the piece's audio padded with silence because the "
         "source's audio track ended early: audio_missing")
     speech_activity: SpeechActivitySettings = SpeechActivitySettings()
+    min_sharpness: float | None = Field(
+        None, ge=0, description="median face-crop Laplacian variance below this: blurry; None: off (its scale "
+        "depends on the footage: set it from the clips table's sharpness column)")
+    max_identity_change: float | None = Field(
+        0.08, ge=0, description="identity_change score above this: identity_change (the tracked face changes "
+        "person); None: off. Set on generated clips (one face ~0.01, two faces ~0.15): calibrate on real footage")
+    shots: ShotSettings = ShotSettings()
+    frame_quality: FrameQualitySettings = FrameQualitySettings()
+    identity: IdentitySettings = IdentitySettings()
+
+
+class SyncSettings(_Section):
+    """The sync-expert filter (``preprocess.sync_check``): SyncNet's AV offset and confidence per piece, the audio
+    shifted when the offset is constant and small, the piece rejected ``out_of_sync`` when the confidence is low.
+
+    Defaults are LatentSync's data pipeline (keep confidence >= 3 and |offset| <= 6 frames, shift to offset 0)
+    with the public evaluation's search range (+/-15 frames). SyncNet-style confidences are known to be low on
+    non-English speech, so in-the-wild datasets get a lower threshold (``DATASET_SETTINGS``)."""
+
+    enabled: bool = Field(True, description="measure every kept piece (needs models.sync_expert)")
+    reject_and_correct: bool = Field(
+        True, description="False: measure and record only, never reject or shift (the tiny profile: a random "
+        "expert's numbers mean nothing)")
+    max_shift: int = Field(15, ge=1, le=30, description="offsets searched: -max_shift..+max_shift frames (25 fps)")
+    min_confidence: float = Field(3.0, ge=0, description="confidence (median minus minimum of the mean distances "
+                                  "over the shifts, LSE-C) below this: out_of_sync")
+    max_correctable_offset_frames: int = Field(
+        6, ge=0, description="a constant offset up to this many frames is corrected by shifting the audio; a larger "
+        "one rejects the piece out_of_sync")
+    segment_s: float = Field(4.0, gt=0, description="the offset is measured per segment of this length too; it is "
+                             "constant when every segment's offset is within max_offset_spread_frames of the piece's")
+    max_offset_spread_frames: int = Field(1, ge=0, description="see segment_s; a drifting offset cannot be "
+                                          "corrected by one shift: out_of_sync")
 
 
 class RunLimits(_Section):
@@ -171,6 +263,10 @@ class ModelRefs(_Section):
     # A diffusers Stable Diffusion 1.5 folder: text_encoder/ + tokenizer/ (descriptions), vae/ (latents).
     text_encoder: ModelChoice = ModelChoice(model="stable-diffusion-v1-5/stable-diffusion-v1-5", batch_size=16)
     vae: ModelChoice = ModelChoice(model="stable-diffusion-v1-5/stable-diffusion-v1-5", batch_size=8)
+    # syncnet_v2 (model/syncnet.py) for the sync filter: a local state-dict file, not on any hub. Get it with
+    # joonson/syncnet_python's download_model.sh (or LatentSync's checkpoints/auxiliary/syncnet_v2.model) and put
+    # it here, or point this at it. batch_size: 5-frame windows per forward pass.
+    sync_expert: ModelChoice = ModelChoice(model=".models/syncnet_v2.model", batch_size=20)
 
 
 class SeparationSettings(_Section):
@@ -251,6 +347,7 @@ class PreprocessSettings(BaseModel):
 
     profile: str = "default"
     workers: int = Field(2, description="clips processed concurrently (threads; ffmpeg and MediaPipe release the GIL)")
+    layouts: LayoutSettings = LayoutSettings()
     probe: ProbeSettings = ProbeSettings()
     locate: LocateSettings = LocateSettings()
     standardise: StandardiseSettings = StandardiseSettings()
@@ -258,6 +355,7 @@ class PreprocessSettings(BaseModel):
     filters: FilterSettings = FilterSettings()
     shards: ShardSettings = ShardSettings()
     limits: RunLimits = RunLimits()
+    sync: SyncSettings = SyncSettings()
     audio: AudioSettings = AudioSettings()
     visual: VisualSettings = VisualSettings()
     media: MediaTimeouts = MediaTimeouts()
@@ -295,10 +393,13 @@ PROFILES: dict[str, dict[str, Any]] = {
             "captioning": {"model": f"{TINY_MODELS_DIR}/captioner", "dtype": "float32"},
             "text_encoder": {"model": f"{TINY_MODELS_DIR}/sd15"},
             "vae": {"model": f"{TINY_MODELS_DIR}/sd15"},
+            "sync_expert": {"model": f"{TINY_MODELS_DIR}/syncnet/syncnet_v2_tiny.model"},
         },
         # The tiny Qwen2.5-VL's pixel budget is 112x112 per image (16 vision tokens): frames are sampled at that
         # size, so its processor does not resize them again; two frames and 16 new tokens keep the demo quick.
         "visual": {"description": {"n_frames": 2, "frame_size": 112, "max_new_tokens": 16}},
+        # A random sync expert's offsets and confidences mean nothing: measured and recorded, never acted on.
+        "sync": {"reject_and_correct": False},
     },
 }
 
@@ -319,6 +420,10 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 DATASET_SETTINGS: dict[str, dict[str, Any]] = {
     "hdtf": {"audio": {"transcription": {"language": "en"}}},
     "mead": {"audio": {"transcription": {"language": "en"}}},
+    # In-the-wild folders and VFHQ hold many languages, on which SyncNet's confidence runs low: a lower sync
+    # threshold (a judgement, not a measurement: calibrate it on a run's av_confidence histogram).
+    "folder": {"sync": {"min_confidence": 1.5}},
+    "vfhq": {"sync": {"min_confidence": 1.5}},
 }
 
 

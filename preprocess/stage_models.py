@@ -1,4 +1,4 @@
-"""Loading the model stages' models (audio, emotion, captioning, CLIP text, VAE): once per worker process, by model reference, with clear errors.
+"""Loading the model stages' models (audio, emotion, captioning, CLIP text, VAE, sync expert): once per worker process, by model reference, with clear errors.
 
 ``load_model(kind, choice)`` returns a ``LoadedModel`` from a process-wide cache keyed by (kind, model,
 revision, device, dtype); the first caller loads it (under a lock, so two threads never load the same model
@@ -41,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_DIR = REPO_ROOT / TINY_MODELS_DIR
 
 KINDS = ("separation", "transcription", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec",
-         "captioning", "text_encoder", "vae")
+         "captioning", "text_encoder", "vae", "sync_expert")
 VIDEOLLAMA2_PREFIX = "videollama2:"
 
 
@@ -392,6 +392,25 @@ def _load_vae(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> 
     return LoadedModel("vae", choice.model, model, device, dtype)
 
 
+def _load_sync_expert(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """syncnet_v2 (``model.syncnet``) from a local state-dict file (sizes from ``<file>.json`` when present, see
+    ``preprocess.sync_check.load_sync_expert``); float32, frozen. It is on no hub, so a reference must be a path."""
+    from model.syncnet import WEIGHTS_HELP, SyncNetWeightsError
+    from preprocess.sync_check import load_sync_expert
+
+    path = local_path(choice.model)
+    if path is None:
+        raise ModelNotFoundError(f"sync_expert model {choice.model!r} is not a local path (absolute, or starting "
+                                 f"with ./ or .models/): syncnet_v2 is on no model hub. {WEIGHTS_HELP}")
+    _ensure_local("sync_expert", path, f"Put syncnet_v2.model there or point settings models.sync_expert.model at "
+                                       f"it. {WEIGHTS_HELP}")
+    try:
+        model = load_sync_expert(path, device)
+    except SyncNetWeightsError as error:
+        raise ModelNotFoundError(f"sync_expert model {choice.model!r}: {error}") from error
+    return LoadedModel("sync_expert", choice.model, model, device, torch.float32)
+
+
 _LOADERS = {
     "separation": _load_separation,
     "transcription": _load_transcription,
@@ -402,4 +421,5 @@ _LOADERS = {
     "captioning": _load_captioning,
     "text_encoder": _load_text_encoder,
     "vae": _load_vae,
+    "sync_expert": _load_sync_expert,
 }

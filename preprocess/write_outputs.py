@@ -366,9 +366,14 @@ def clip_row(outcome: PieceOutcome, settings: PreprocessSettings, shard_of: dict
         "source_fps": probe.fps if probe else None,
         "source_rotation": probe.rotation if probe else None,
         "crop_method": job.crop_method,
+        "crop_max_speed": job.crop_max_speed,
         "shard": shard_of.get(outcome.clip_id),
         "face_model": settings.models.face_mesh if job.faces else None,
         "settings_profile": settings.profile,
+        "subject": job.candidate.subject,
+        "emotion": job.candidate.emotion,
+        "emotion_level": job.candidate.emotion_level,
+        "audio_source": job.candidate.audio_source,
     }
     if job.crop_box:
         row.update(crop_x=job.crop_box.x, crop_y=job.crop_box.y, crop_size=job.crop_box.w)
@@ -386,6 +391,9 @@ def clip_row(outcome: PieceOutcome, settings: PreprocessSettings, shard_of: dict
         row.update({key: value for key, value in stats.as_row().items() if key != "duration_s"})
     if job.standardised:
         row.update(loudness_in_lufs=job.standardised.loudness_in_lufs, gain_db=job.standardised.gain_db)
+    if sync := outcome.features.get("sync"):  # also on a piece the sync check rejected: its figures say why
+        row.update(av_offset_frames=sync["offset_frames"], av_confidence=sync["confidence"],
+                   av_min_distance=sync["min_distance"], av_shift_applied_frames=sync["shift_applied_frames"])
     for timing in job.timings + outcome.timings:
         row[f"{timing.stage}_s"] = timing.seconds
     return row

@@ -84,7 +84,8 @@ CLIPS_SCHEMA = pa.schema([
     ("crop_x", pa.float64()),
     ("crop_y", pa.float64()),
     ("crop_size", pa.float64()),
-    ("crop_method", pa.string()),  # annotated / landmarks / detector
+    ("crop_method", pa.string()),  # annotated / landmarks / detector (fixed box) / track (follows the face)
+    ("crop_max_speed", pa.float64()),  # a track's fastest move, crop sides per second; null for a fixed box
     ("face_frames_fraction", pa.float64()),
     ("face_px_median", pa.float64()),
     ("max_faces", pa.int32()),
@@ -118,8 +119,25 @@ CLIPS_SCHEMA = pa.schema([
     ("describe_s", pa.float64()),
     ("text_embedding_s", pa.float64()),
     ("latents_s", pa.float64()),
+    # dataset labels (MEAD; null for the other datasets): speaker folder, acted emotion, its intensity level 1-3
+    ("subject", pa.string()),
+    ("emotion", pa.string()),
+    ("emotion_level", pa.int32()),
+    ("audio_source", pa.string()),  # the separate audio file the clip's sound was taken from; null: the video's own
+    # picture quality (preprocess.shots / frame_quality / identity); null when not measured
+    ("sharpness", pa.float64()),  # median Laplacian variance of the 128 px grey face crop (filter blurry)
+    ("identity_change", pa.float64()),  # spread of the face's identity signature in the piece (filter identity_change)
+    ("n_shot_cuts", pa.int32()),  # shot cuts in the whole candidate; null: no shot detection for the dataset
+    ("shot_index", pa.int32()),  # the shot the piece lies in (0-based)
+    ("frame_quality_s", pa.float64()),  # the frame_quality stage's one decode (content scores, sharpness)
+    # the sync expert (preprocess.sync_check; null when the sync check did not run on the piece)
+    ("av_offset_frames", pa.int32()),  # SyncNet AV offset, 25 fps frames, + = audio leads video (before any shift)
+    ("av_confidence", pa.float64()),  # SyncNet confidence (LSE-C: median - min of mean distances); out_of_sync below
+    ("av_min_distance", pa.float64()),  # SyncNet minimum mean distance (LSE-D)
+    ("av_shift_applied_frames", pa.int32()),  # audio delayed by this many frames (advanced when < 0); 0: untouched
+    ("sync_s", pa.float64()),
 ])
-TIMING_COLUMNS = ("probe_s", "locate_s", "standardise_s", "faces_s", "speech_activity_s", "cut_s", "separate_s",
+TIMING_COLUMNS = ("probe_s", "locate_s", "standardise_s", "faces_s", "speech_activity_s", "frame_quality_s", "cut_s", "sync_s", "separate_s",
                   "transcribe_s", "text_emotion_s", "speech_emotion_s", "valence_arousal_s", "wav2vec_s", "action_units_s",
                   "describe_s", "text_embedding_s", "latents_s")
 

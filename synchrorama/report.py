@@ -125,6 +125,26 @@ def write_report(out_dir: Path, path: Path | None = None) -> Path:
         _figure_html(lambda ax: (ax.barh(list(stage_seconds), list(stage_seconds.values()), color="tab:purple"),
                                  ax.set_xlabel("wall seconds (summed over clips)")), "Time per stage"),
     ]
+    synced = [row for row in clips if row.get("av_confidence") is not None]  # pieces the sync check ran on
+    if synced:
+        figures.append(_figure_html(lambda ax: (
+            ax.hist([[r["av_confidence"] for r in synced if r["status"] == status] for status in ("kept", "rejected")],
+                    bins=30, stacked=True, color=["tab:green", "tab:red"], label=["kept", "rejected"]),
+            ax.legend(), ax.set_xlabel("SyncNet confidence (LSE-C); out_of_sync below sync.min_confidence")),
+            "AV sync confidence"))
+        figures.append(_figure_html(lambda ax: (
+            ax.hist([r["av_offset_frames"] for r in synced], bins=np.arange(-15.5, 16.5), color="tab:cyan"),
+            ax.set_xlabel("SyncNet AV offset (frames, + = audio leads)")), "AV offset before correction"))
+    # picture quality (preprocess.frame_quality / identity): kept and rejected stacked, to set the thresholds from
+    for column, label in (("sharpness", "face-crop Laplacian variance (blurry below filters.min_sharpness)"),
+                          ("identity_change", "identity change score (identity_change above "
+                                              "filters.max_identity_change)")):
+        measured = [row for row in clips if row.get(column) is not None]
+        if measured:
+            figures.append(_figure_html(lambda ax, measured=measured, column=column, label=label: (
+                ax.hist([[r[column] for r in measured if r["status"] == status] for status in ("kept", "rejected")],
+                        bins=30, stacked=True, color=["tab:green", "tab:red"], label=["kept", "rejected"]),
+                ax.legend(), ax.set_xlabel(label)), column.replace("_", " ").capitalize()))
     tables = "".join(_table_html(name, rows) for name, rows in inspect_run(out_dir).items())
     summary_file = out_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}

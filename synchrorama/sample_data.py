@@ -1,8 +1,10 @@
 """Generated talking-face test data: videos built from scikit-image's bundled astronaut photo with espeak-ng
 speech, and a small sample dataset in HDTF's real layout (annotation files + ``Name.mp4`` videos).
 
-Nothing here needs the network. The faces do not move their lips (the photo is still, drifting slightly);
-the data exercises the pipeline, it is not training material.
+Nothing here needs the network. The faces of ``make_talking_video`` do not move their lips (the photo is still,
+drifting slightly); the data exercises the pipeline, it is not training material. ``make_lip_sync_video`` draws a
+mouth that opens with the speech's loudness, with the audio moved by a known number of frames or replaced by
+unrelated speech: known answers for the sync expert.
 """
 
 from __future__ import annotations
@@ -101,6 +103,99 @@ def make_talking_video(
         with feed_stdin(command, purpose=f"writing the generated video {path}",
                         timeout_s=media_limits().limit_s(seconds)) as stdin:
             for frame in render_frames(layout, width, height, n_frames, fps, variant):
+                stdin.write(frame.tobytes())
+    return path
+
+
+# ---- lip-synced talking clips (the sync expert's tests): a mouth that opens with the speech's loudness ----
+
+SYNC_FPS = 25  # the pipeline's frame rate: one video frame is 640 samples at 16 kHz
+SYNC_SAMPLE_RATE = 16_000
+# The astronaut's mouth in _head_and_shoulders() coordinates, from MediaPipe face mesh landmarks 13/14 (inner
+# lips) and 61/291 (corners): centre (138, 135), 43 px wide, in a face 107 px high (landmarks 10 to 152).
+MOUTH_CENTRE = (138.0, 135.0)
+MOUTH_HALF_WIDTH = 19.0
+MOUTH_HALF_HEIGHT = (1.0, 9.0)  # closed .. fully open (loudness 1), in patch pixels
+
+
+def speech_16k(seconds: float, text: str = SPEECH_TEXT) -> np.ndarray:
+    """espeak-ng speech of ``text`` as float32 mono at 16 kHz, looped to ``seconds``."""
+    import soundfile
+    from scipy.signal import resample_poly
+
+    with tempfile.TemporaryDirectory() as scratch:
+        speech, rate = soundfile.read(speech_wav(Path(scratch) / "speech.wav", text), dtype="float32", always_2d=True)
+    speech = resample_poly(speech.mean(axis=1), SYNC_SAMPLE_RATE, rate).astype(np.float32)
+    n = int(round(seconds * SYNC_SAMPLE_RATE))
+    return np.resize(speech, n) if len(speech) else np.zeros(n, np.float32)  # np.resize repeats: a loop
+
+
+def speech_envelope(audio: np.ndarray, fps: int = SYNC_FPS, sample_rate: int = SYNC_SAMPLE_RATE) -> np.ndarray:
+    """Per video frame loudness in [0, 1]: the RMS of the frame's samples over the 95th percentile of them."""
+    step = sample_rate // fps
+    frames = audio[:len(audio) // step * step].astype(np.float64).reshape(-1, step)
+    rms = np.sqrt(np.mean(frames ** 2, axis=1))
+    scale = np.percentile(rms, 95) if len(rms) else 0.0
+    return np.clip(rms / scale, 0, 1) if scale > 0 else np.zeros_like(rms)
+
+
+def render_lip_sync_frames(envelope: np.ndarray, width: int, height: int, variant: int = 0):
+    """Yield RGB frames of ``render_frames``' single layout with a dark mouth ellipse on the astronaut's mouth
+    whose height follows ``envelope`` (one loudness in [0, 1] per frame; sub-pixel, antialiased)."""
+    import cv2
+
+    patch_height = int(height * 0.62)
+    scale = patch_height / _head_and_shoulders().shape[0]
+    pw = _resized(_head_and_shoulders(), patch_height).shape[1]
+    frames = render_frames("single", width, height, len(envelope), SYNC_FPS, variant)
+    for index, (frame, level) in enumerate(zip(frames, envelope, strict=True)):
+        drift = int(round(6 * np.sin(2 * np.pi * index / (SYNC_FPS * 3) + variant)))  # render_frames' placement
+        x = int(min(max(width / 2 - pw / 2 + drift, 0), width - pw))
+        y = int((height - patch_height) * 0.45)
+        closed, opened = MOUTH_HALF_HEIGHT
+        centre = (x + MOUTH_CENTRE[0] * scale, y + MOUTH_CENTRE[1] * scale)
+        axes = (MOUTH_HALF_WIDTH * scale, (closed + (opened - closed) * float(level)) * scale)
+        # fixed point (shift 4 = 1/16 px) so that the opening follows the loudness smoothly
+        cv2.ellipse(frame, tuple(int(round(v * 16)) for v in centre), tuple(int(round(v * 16)) for v in axes),
+                    0, 0, 360, (70, 20, 30), -1, cv2.LINE_AA, 4)
+        yield frame
+
+
+def lead_audio(audio: np.ndarray, frames: int, samples_per_frame: int = SYNC_SAMPLE_RATE // SYNC_FPS) -> np.ndarray:
+    """The audio ``frames`` video frames early (it leads the video; negative: late), silence filling the gap."""
+    samples = min(abs(frames) * samples_per_frame, len(audio))
+    silence = np.zeros(samples, audio.dtype)
+    if frames >= 0:
+        return np.concatenate([audio[samples:], silence])
+    return np.concatenate([silence, audio[:len(audio) - samples]])
+
+
+def make_lip_sync_video(
+    path: Path, *, seconds: float = 8.0, width: int = 640, height: int = 360, text: str = SPEECH_TEXT,
+    audio_lead_frames: int = 0, audio_text: str | None = None, variant: int = 0,
+) -> Path:
+    """Write a 25 fps H.264/AAC mp4 whose mouth opens with the loudness of espeak-ng speech of ``text``.
+
+    The audio track is that speech moved ``audio_lead_frames`` frames early (SyncNet's sign: a positive offset
+    means the audio leads the video; negative: it lags), or, with ``audio_text``, speech of another text that the
+    mouth does not follow (unrelated audio)."""
+    import soundfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    speech = speech_16k(seconds, text)
+    envelope = speech_envelope(speech)
+    audio = lead_audio(speech if audio_text is None else speech_16k(seconds, audio_text), audio_lead_frames)
+    with tempfile.TemporaryDirectory() as scratch:
+        wav = Path(scratch) / "audio.wav"
+        soundfile.write(wav, audio, SYNC_SAMPLE_RATE, subtype="PCM_16")
+        command = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
+                   "-s", f"{width}x{height}", "-r", str(SYNC_FPS), "-i", "-", "-i", str(wav), "-map", "0:v",
+                   "-map", "1:a", "-c:a", "aac", "-b:a", "96k", "-c:v", "libx264", "-preset", "ultrafast",
+                   "-crf", "20", "-pix_fmt", "yuv420p", "-t", f"{len(envelope) / SYNC_FPS:.3f}", str(path)]
+        with feed_stdin(command, purpose=f"writing the generated lip-sync video {path}",
+                        timeout_s=media_limits().limit_s(seconds)) as stdin:
+            for frame in render_lip_sync_frames(envelope, width, height, variant):
                 stdin.write(frame.tobytes())
     return path
 

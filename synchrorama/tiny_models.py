@@ -25,6 +25,8 @@ copied verbatim. ``build_tiny_models(directory)`` writes, under ``directory``:
     sd15/                        a Stable Diffusion 1.5 folder layout: tokenizer/ + text_encoder/ (CLIPTextModel)
                                  and vae/ (AutoencoderKL, trained for seconds on the project's own images so that
                                  its latents decode back to the frames)
+    syncnet/syncnet_v2_tiny.model  model.syncnet.SyncNetV2 of SyncNetV2Size.tiny() (64 x 64 crops), a state dict
+                                 like the released syncnet_v2.model, its sizes in syncnet_v2_tiny.model.json
     README.txt                   says loudly that their outputs mean nothing
 
 They exercise every code path (same classes, same loaders, same shapes apart from widths, the same 320-sample
@@ -47,11 +49,11 @@ from pathlib import Path
 
 from synchrorama.real_configs import load_real_json, real_config_dir, with_sizes
 
-VERSION = 5  # bump when a tiny model changes: it is rebuilt, and the tiny profile's cache keys include it
+VERSION = 6  # bump when a tiny model changes: it is rebuilt, and the tiny profile's cache keys include it
 README = f"""Tiny RANDOM models (synchrorama.tiny_models, version {VERSION}).
 They have the classes, flags and processor files of the real default models (built from copies of their
 configuration files with only sizes changed) but random weights: every number they produce
-(transcripts, emotions, valence/arousal, wav2vec features, descriptions, text embeddings) MEANS NOTHING;
+(transcripts, emotions, valence/arousal, wav2vec features, descriptions, text embeddings, AV sync) MEANS NOTHING;
 the tiny VAE only learned to reconstruct a few synthetic images. For tests and the offline demo only.
 """
 TEXT_EMOTION_LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
@@ -222,6 +224,16 @@ def _build_wav2vec(out: Path) -> None:
     _copy_real_files(REAL_WAV2VEC, out, ("preprocessor_config.json",))
 
 
+def _build_syncnet(out: Path) -> None:
+    import torch
+
+    from model.syncnet import SyncNetV2, SyncNetV2Size
+    from preprocess.sync_check import save_sync_expert
+
+    torch.manual_seed(4)
+    save_sync_expert(SyncNetV2(**vars(SyncNetV2Size.tiny())).eval(), out / "syncnet_v2_tiny.model")
+
+
 def _build_captioner(out: Path) -> None:
     from synchrorama.tiny_vision_models import build_tiny_captioner
 
@@ -244,6 +256,7 @@ BUILDERS = {
     "wav2vec2": _build_wav2vec,
     "captioner": _build_captioner,
     "sd15": _build_sd15,
+    "syncnet": _build_syncnet,
 }
 
 

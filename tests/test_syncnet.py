@@ -159,36 +159,44 @@ def delay_audio(audio: np.ndarray, frames: int) -> np.ndarray:
     return np.concatenate([audio[samples:], np.zeros(samples)])
 
 
-@pytest.fixture(scope="module")
-def trained_expert():
-    """Trains a tiny SyncNetV2 (64 x 64 crops) for 200 steps on a 32 s generated clip: about 23 s on 1 core."""
+def train_tiny_expert(frames: np.ndarray, audio: np.ndarray, rng: np.random.Generator,
+                      steps: int = 200) -> SyncNetV2:
+    """A tiny SyncNetV2 (64 x 64 crops) trained on one in-sync clip: ``frames (T, H, W, 3)`` RGB uint8 face
+    crops at 25 fps, ``audio (T * 640,)`` 16 kHz (float or int16); ``rng`` draws the batches. In eval mode.
+    Also used by tests/test_sync_filter.py on clips the pipeline standardised."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the machine's cores are shared; also makes the run reproducible
     try:
-        rng = np.random.default_rng(0)
-        envelope = loudness(rng, 800)
-        video = syncnet_video(talking_frames(envelope), SIZE)
-        mfcc = torch.from_numpy(syncnet_mfcc(talking_audio(envelope, rng)).astype(np.float32))
-        windows = window_count(len(envelope), len(envelope) * SAMPLES_PER_FRAME)
+        video = syncnet_video(frames, SIZE)
+        mfcc = torch.from_numpy(syncnet_mfcc(audio).astype(np.float32))
+        windows = window_count(len(frames), len(audio))
         torch.manual_seed(0)
         model = SyncNetV2(**vars(SyncNetV2Size.tiny()))
         optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
         shifts, batch = np.arange(-3, 4), 32  # negatives: the same window's neighbouring audio windows
         started = time.perf_counter()
-        for _ in range(200):
+        for _ in range(steps):
             starts = rng.integers(3, windows - 3, batch)
             lips = torch.stack([video[:, t:t + 5] for t in starts])
             audio_starts = (starts[:, None] + shifts[None]).ravel()
-            audio = torch.stack([mfcc[None, :, 4 * t:4 * t + 20] for t in audio_starts])
+            audio_windows = torch.stack([mfcc[None, :, 4 * t:4 * t + 20] for t in audio_starts])
             loss = shift_contrastive_loss(model.forward_lip(lips),
-                                          model.forward_aud(audio).view(batch, len(shifts), -1), true_shift=3)
+                                          model.forward_aud(audio_windows).view(batch, len(shifts), -1), true_shift=3)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
         print(f"trained tiny SyncNetV2 in {time.perf_counter() - started:.1f} s, last loss {loss.item():.3f}")
-        yield model.eval()
+        return model.eval()
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained_expert():
+    """Trains a tiny SyncNetV2 (64 x 64 crops) for 200 steps on a 32 s generated clip: about 23 s on 1 core."""
+    rng = np.random.default_rng(0)
+    envelope = loudness(rng, 800)
+    return train_tiny_expert(talking_frames(envelope), talking_audio(envelope, rng), rng)
 
 
 @pytest.mark.parametrize("delay, expected_offset", [(0, 0), (3, -3), (-4, 4)])

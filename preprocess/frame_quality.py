@@ -1,0 +1,89 @@
+"""Stage: one decode of the standardised clip for the picture-quality measures (shot cuts and sharpness).
+
+Every frame of the 512x512 clip is decoded once (``preprocess.media.iter_rgb_frames``) and gives:
+
+- its content score against the previous frame (``preprocess.shots``: PySceneDetect's ContentDetector figure
+  on a frame shrunk to ``analysis_size``), for the shot cuts; every frame, so that a cut is placed on the exact
+  frame (sampling every 2nd frame would leave a frame of the next shot in the piece half the time);
+- at ``sharpness_fps`` (every 5th frame at 25 fps), when the face mesh found a face in it: the sharpness of the
+  face, the variance of the Laplacian (OpenCV's 3x3 aperture) of the face crop in grey, resized to
+  ``sharpness_crop_px`` square so that clips are comparable whatever the face's size in the crop. The crop is
+  the square around the frame's landmarks (``landmarks.npy``, their x/y extent, the larger side, centred).
+  Laplacian variance is the usual cheap focus measure (Pech-Pacheco et al. 2000); a blurred or heavily
+  compressed face has little second-derivative energy. Its scale depends on content (skin, beard, lighting), so
+  the threshold ``filters.min_sharpness`` is off by default: set it from the column's distribution.
+
+Outputs (in the stage's cache folder): ``content_scores.npy`` (n_frames,) float32, 0 for frame 0, and
+``sharpness.npy`` (n_frames,) float32, NaN on frames not sampled or without a face. The piece statistics take
+medians over a piece's frames (``preprocess.filters.piece_stats``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from preprocess.media import FfmpegError, iter_rgb_frames
+from preprocess.records import Rejection
+from preprocess.settings import FrameQualitySettings, MediaTimeouts
+from preprocess.shots import content_score, hsv_frame
+
+CONTENT_SCORES_FILE = "content_scores.npy"
+SHARPNESS_FILE = "sharpness.npy"
+
+
+@dataclass(frozen=True)
+class FrameQuality:
+    content_scores: str  # file names inside the stage's output directory
+    sharpness: str
+    n_frames: int
+    n_sharpness_frames: int  # frames whose face sharpness was measured
+
+
+def face_sharpness(frame_rgb: np.ndarray, landmarks: np.ndarray, crop_px: int) -> float | None:
+    """Laplacian variance of the grey face crop (square around the (n, 3) normalised landmarks, resized to
+    ``crop_px``); None when the landmarks are missing or the box is empty."""
+    if not np.isfinite(landmarks[:, :2]).all():
+        return None
+    height, width = frame_rgb.shape[:2]
+    xs, ys = landmarks[:, 0] * width, landmarks[:, 1] * height
+    side = max(xs.max() - xs.min(), ys.max() - ys.min())
+    centre_x, centre_y = (xs.max() + xs.min()) / 2, (ys.max() + ys.min()) / 2
+    x0, x1 = int(max(0, round(centre_x - side / 2))), int(min(width, round(centre_x + side / 2)))
+    y0, y1 = int(max(0, round(centre_y - side / 2))), int(min(height, round(centre_y + side / 2)))
+    if x1 - x0 < 8 or y1 - y0 < 8:
+        return None
+    grey = cv2.cvtColor(np.ascontiguousarray(frame_rgb[y0:y1, x0:x1]), cv2.COLOR_RGB2GRAY)
+    # area resampling for shrinking (no aliasing that would add fake detail), cubic for the rare enlargement
+    interpolation = cv2.INTER_AREA if grey.shape[0] >= crop_px else cv2.INTER_CUBIC
+    grey = cv2.resize(grey, (crop_px, crop_px), interpolation=interpolation)
+    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+
+
+def measure_frame_quality(video: Path, size: int, fps: int, landmarks: np.ndarray, settings: FrameQualitySettings,
+                          out_dir: Path, limits: MediaTimeouts | None = None) -> FrameQuality | Rejection:
+    """Content scores and face sharpness of the standardised clip ``video`` (``size`` square at ``fps``), with
+    its per-frame ``landmarks`` (n_frames, n_landmarks, 3) from the face-landmarks stage."""
+    step = max(1, int(round(fps / settings.sharpness_fps)))
+    scores: list[float] = []
+    sharpness: list[float] = []
+    previous = None
+    try:
+        for index, frame in enumerate(iter_rgb_frames(video, width=size, height=size, limits=limits)):
+            current = hsv_frame(frame, settings.analysis_size)
+            scores.append(0.0 if previous is None else content_score(previous, current))
+            previous = current
+            value = None
+            if index % step == 0 and index < len(landmarks):
+                value = face_sharpness(frame, landmarks[index], settings.sharpness_crop_px)
+            sharpness.append(np.nan if value is None else value)
+    except FfmpegError as error:  # a verdict on the input only: a timeout or a full disk propagates
+        return Rejection("frame_quality", "undecodable", str(error))
+    if not scores:
+        return Rejection("frame_quality", "no_frames", "the standardised clip has no frames")
+    np.save(out_dir / CONTENT_SCORES_FILE, np.asarray(scores, np.float32))
+    np.save(out_dir / SHARPNESS_FILE, np.asarray(sharpness, np.float32))
+    return FrameQuality(CONTENT_SCORES_FILE, SHARPNESS_FILE, len(scores), int(np.isfinite(sharpness).sum()))
