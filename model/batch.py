@@ -9,6 +9,8 @@ Shapes (B samples, M motion frames, T clip frames, 25 fps):
     emotion            EmotionFeatures   clip-level text/speech emotion, per-window VA (whole source clip)
     aus                (B, T, N_AU)      action units of the clip frames
     first_frame        (B,)              source-frame index of the first motion frame (aligns VA windows)
+    waveform           (B, (M+T)*640)    16 kHz audio of the motion and clip frames, or None; read only by a
+                                         sync loss whose expert takes audio, not wav2vec2 states (model/syncnet.py)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class TrainingBatch:
     emotion: EmotionFeatures
     aus: torch.Tensor
     first_frame: torch.Tensor
+    waveform: torch.Tensor | None = None
 
 
 def fake_batch(cfg: ModelConfig, batch_size: int = 2, va_windows: int = 4, seed: int = 0) -> TrainingBatch:

@@ -11,9 +11,11 @@ outputs and frozen here; weights load from a safetensors file (``load_expert_wei
   when training the expert (``mouth_box``) and from the ``default_mouth_box`` buffer (the median training box,
   saved with the weights) on generated frames, which are aligned face crops like the training frames.
   Deviations: the audio tower reads the per-frame wav2vec2 states already in the shards rather than MFCCs, and
-  the offset is signed, not its magnitude. NOT ``syncnet_v2``-compatible (that one takes 5 grey 224x224
-  lower-face frames and 13x20 MFCCs into 3-D / 2-D conv towers): loading its public weights, e.g. for the
-  evaluation's LSE-C/LSE-D and the data-quality filter, needs a second module with its layout; this one is
+  the offset is signed, not its magnitude. NOT ``syncnet_v2``-compatible (that one takes 5 three-channel BGR
+  0..255 224x224 face crops and 13x20 MFCCs into 3-D / 2-D conv towers): the public weights load into
+  ``model/syncnet.py``'s ``SyncNetV2``, the project's one sync expert for the data-quality filter and the
+  evaluation's LSE-C/LSE-D; the training setting ``sync_expert`` makes the sync loss use it too
+  (``SyncNetV2LossExpert``, same ``estimate`` interface, in place of this module). This one is the default,
   trained by ``synchrorama train-experts`` (``model/train_experts.py``).
 * ``AURegressor``: per-frame AU intensities ``(B, T, N_AU)``, targets from preprocessing.
 * ``ValenceArousalRegressor``: per-frame (valence, arousal) ``(B, T, 2)`` from faces. The paper reads VA
@@ -51,14 +53,23 @@ class MissingExpertError(ValueError):
     """A pixel loss is weighted but its expert was never trained (it would train the generator on noise)."""
 
 
-def load_loss_experts(cfg: ModelConfig, weights, folder: str, allow_untrained: bool = False) -> LossExperts:
+def load_loss_experts(cfg: ModelConfig, weights, folder: str, allow_untrained: bool = False,
+                      sync_expert: str = "") -> LossExperts:
     """``LossExperts`` with each ``<child>.safetensors`` under ``folder`` loaded (frozen).
 
     Every expert whose loss has a non-zero weight in ``weights`` (a ``LossWeights``) must be there, unless
     ``allow_untrained`` (smoke runs of the tiny model, whose VAE and wav2vec2 are random too): otherwise raises
-    ``MissingExpertError`` naming the weight, the missing file and the command that trains it."""
+    ``MissingExpertError`` naming the weight, the missing file and the command that trains it. ``sync_expert``
+    (a ``syncnet_v2.model`` path) replaces the ``sync`` child by ``model/syncnet.py``'s ``SyncNetV2LossExpert``,
+    and ``sync.safetensors`` is then neither needed nor read."""
     experts = LossExperts(cfg)
+    if sync_expert:
+        from model.syncnet import load_sync_loss_expert  # python_speech_features etc. only when asked for
+
+        experts.sync = load_sync_loss_expert(sync_expert, cfg.sync_max_shift)
     for loss, setting, child in EXPERT_OF_LOSS:
+        if child == "sync" and sync_expert:
+            continue
         path = Path(folder) / f"{child}.safetensors" if folder else None
         if path is not None and path.is_file():
             load_expert_weights(getattr(experts, child), str(path))

@@ -8,9 +8,9 @@ those of the released ``syncnet_v2.model`` state dict, so its weights load uncha
 
 Who uses it: the data-quality filter of issue 14 (offset and confidence per piece), the evaluation's
 SyncNet columns of issue 15 (LSE-D, LSE-C, offset; SynchroRaMa section 4 "Evaluation Metrics", Table 1).
-It is NOT the training loss's expert (``model/experts.py`` ``SyncNetExpert`` reads wav2vec2 states and is
-trained by ``synchrorama train-experts``); a sync loss could use this module by decoding 5-frame windows,
-resizing them to 224 and calling ``forward_lip`` / ``forward_aud`` (both differentiable), see docs/model.md.
+It is also the stage-2 sync loss's expert when the training setting ``sync_expert`` names its weights
+(``SyncNetV2LossExpert``, eq. 2 of section 3.7); by default that loss uses ``model/experts.py``'s
+``SyncNetExpert`` (wav2vec2 states, trained by ``synchrorama train-experts``).
 
 Inputs, exactly as ``SyncNetInstance.evaluate`` feeds them:
 
@@ -54,6 +54,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model.losses import SyncEstimate
 
 SAMPLE_RATE = 16_000
 FPS = 25
@@ -349,3 +351,107 @@ def shift_contrastive_loss(video_emb: torch.Tensor, audio_emb: torch.Tensor, tru
     d2 = (video_emb[:, None, :] - audio_emb).pow(2).sum(-1)
     target = torch.full((video_emb.shape[0],), true_shift, dtype=torch.long, device=video_emb.device)
     return F.cross_entropy(-d2, target)
+
+
+class SyncNetV2LossExpert(nn.Module):
+    """A frozen ``SyncNetV2`` behind the training sync loss's interface: ``estimate(frames, audio) ->
+    SyncEstimate`` as ``model/experts.py``'s ``SyncNetExpert.estimate`` returns it, so that ``sync_loss`` (SynchroRaMa
+    section 3.7, eq. 2) works unchanged. Chosen by the training setting ``sync_expert`` (docs/training.md).
+
+    * ``frames (B, T, 3, H, W)`` in [-1, 1], RGB, ``T >= 5``: resized (bilinear, differentiable) to the model's
+      ``image_size``, mapped to 0..255 and flipped to BGR (what ``syncnet_video`` gives the evaluation); every
+      5-frame window ``k = 0 .. T - 5`` goes through ``forward_lip``. Gradients reach the frames.
+    * ``audio (B, S)``: the same frames' 16 kHz waveform (``S = T * 640``; floats in [-1, 1]); MFCC as the
+      evaluation computes it (``syncnet_mfcc``, on the host, no gradient: the audio is the driving audio).
+    * Per window ``k`` and shift ``j = -max_shift .. +max_shift`` frames: the L2 distance between video window
+      ``k`` and the audio window ``j`` frames later (the reference's ``F.pairwise_distance``). Offset: the
+      soft-argmin over shifts of the window-mean distances, ``softmax(-mean / temperature) @ shifts``; positive
+      = the audio lags the video, ``SyncNetExpert``'s sign, i.e. about ``-sync_offset(...).offset_frames``.
+      Misalignment time: ``softmax(d_in_sync / temperature) @ window centres`` (where the in-sync distance is
+      largest, as ``SyncNetExpert`` weights its lowest in-sync similarity). Both in seconds, ``(B,)``.
+
+    Deviations: the evaluation stops one window short and pads out-of-range audio *embeddings* with zeros
+    (``shift_distances``); a loss on short decoded spans (9 frames at the full config, 5 windows) cannot spare
+    windows, so the waveform is mirrored by ``max_shift`` frames at each end (``np.pad`` "reflect": speech-like
+    MFCC statistics without sync to the mouth; ``SyncNetExpert`` repeats the edge frames' features, but a
+    repeated waveform sample is silence, whose MFCC is far from any speech) plus 160 samples so that the last
+    window's 20th MFCC frame exists. ``temperature`` is in distance units (syncnet_v2's in-sync and median
+    mean distances differ by about 7 on real talking faces, its LSE-C; the tiny test model's by about 1.5).
+    """
+
+    reads_waveform = True  # model/training_step.py passes the waveform, not wav2vec2 states
+
+    def __init__(self, model: SyncNetV2, max_shift: int, fps: int = FPS, temperature: float = 0.5):
+        super().__init__()
+        if fps != FPS:
+            raise ValueError(f"syncnet_v2 pairs 5 frames at {FPS} fps with 0.2 s of MFCC; the model runs at {fps} fps")
+        if max_shift < 0 or temperature <= 0:
+            raise ValueError(f"max_shift must be >= 0 and temperature > 0, got {max_shift} and {temperature}")
+        self.syncnet = model.requires_grad_(False).eval()
+        self.max_shift, self.fps, self.temperature = max_shift, fps, temperature
+
+    def train(self, mode: bool = True) -> SyncNetV2LossExpert:
+        """Always eval: the frozen syncnet's BatchNorm must use its running statistics (DDP / .train() calls)."""
+        super().train(False)
+        return self
+
+    def lip_windows(self, frames: torch.Tensor) -> torch.Tensor:
+        """``(B, T, 3, H, W)`` in [-1, 1] RGB -> ``(B * (T - 4), 3, 5, S, S)`` BGR 0..255 (differentiable).
+        Not clamped: a clamp would cut the gradient of out-of-range pixels, and the VAE's slight overshoot is
+        within what the model tolerates."""
+        b, t = frames.shape[:2]
+        size = self.syncnet.image_size
+        pixels = F.interpolate(frames.flatten(0, 1).float(), size=(size, size), mode="bilinear", align_corners=False)
+        pixels = ((pixels + 1) * 127.5).flip(1).unflatten(0, (b, t))  # RGB -> BGR, as cv2.imread gives
+        windows = pixels.unfold(1, WINDOW_FRAMES, 1)  # (B, K, 3, S, S, 5)
+        return windows.permute(0, 1, 2, 5, 3, 4).flatten(0, 1)
+
+    @torch.no_grad()
+    def audio_windows(self, audio: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """``(B, T * 640)`` -> MFCC windows ``(B * (T - 4 + 2 * max_shift), 1, 13, 20)``: window ``i`` starts at
+        video frame ``i - max_shift`` of the mirrored waveform (see the class docstring)."""
+        pad = self.max_shift * SAMPLES_PER_FRAME
+        count = num_frames - WINDOW_FRAMES + 1 + 2 * self.max_shift
+        windows = []
+        for wave in audio.detach().float().cpu().numpy():
+            if len(wave) != num_frames * SAMPLES_PER_FRAME:
+                raise ValueError(f"audio has {len(wave)} samples for {num_frames} frames; SyncNetV2LossExpert needs "
+                                 f"the frames' own 16 kHz waveform, {SAMPLES_PER_FRAME} samples per frame")
+            padded = np.pad(wave, (pad, pad + SAMPLES_PER_FRAME // MFCC_PER_FRAME), mode="reflect")
+            mfcc = torch.from_numpy(syncnet_mfcc(padded).astype(np.float32))
+            windows += [mfcc[None, :, MFCC_PER_FRAME * i:MFCC_PER_FRAME * i + MFCC_WINDOW] for i in range(count)]
+        return torch.stack(windows).to(audio.device)
+
+    def distances(self, frames: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+        """``(B, K, 2 * max_shift + 1)``: column ``j`` is the distance between video window ``k`` and the audio
+        window ``j - max_shift`` frames later (column ``max_shift``: in sync)."""
+        b, t = frames.shape[:2]
+        if t < WINDOW_FRAMES:
+            raise ValueError(f"{t} frames are fewer than one syncnet_v2 window ({WINDOW_FRAMES}); decode at least "
+                             f"{WINDOW_FRAMES} frames (the recipe's pixel_frames and the clip_frames setting)")
+        s, k = self.max_shift, t - WINDOW_FRAMES + 1
+        video = self.syncnet.forward_lip(self.lip_windows(frames)).unflatten(0, (b, k))  # (B, K, D)
+        with torch.no_grad():
+            spoken = self.syncnet.forward_aud(self.audio_windows(audio, t)).unflatten(0, (b, k + 2 * s))
+        spoken = spoken.to(video.dtype)
+        return torch.stack([F.pairwise_distance(video, spoken[:, j:j + k], eps=1e-6) for j in range(2 * s + 1)], -1)
+
+    def estimate(self, frames: torch.Tensor, audio: torch.Tensor) -> SyncEstimate:
+        """Frames ``(B, T, 3, H, W)`` in [-1, 1] and their waveform ``(B, T * 640)`` -> ``SyncEstimate``."""
+        distance = self.distances(frames, audio).float()
+        s, k = self.max_shift, distance.shape[1]
+        shifts = torch.arange(-s, s + 1, device=distance.device, dtype=distance.dtype)
+        offset = (-distance.mean(1) / self.temperature).softmax(-1) @ shifts
+        centres = torch.arange(k, device=distance.device, dtype=distance.dtype) + WINDOW_FRAMES / 2
+        where = (distance[..., s] / self.temperature).softmax(-1) @ centres
+        return SyncEstimate(offset / self.fps, where / self.fps)
+
+
+def load_sync_loss_expert(path: str | Path, max_shift: int, device: str | torch.device = "cpu",
+                          temperature: float = 0.5) -> SyncNetV2LossExpert:
+    """``SyncNetV2LossExpert`` around the weights at ``path``: the released ``syncnet_v2.model``, or a model of
+    other sizes saved with ``preprocess.sync_check.save_sync_expert`` (its ``<path>.json`` sizes file next to it).
+    Raises ``SyncNetWeightsError`` naming the file and where the released weights come from."""
+    from preprocess.sync_check import load_sync_expert  # the filter's loader: one reading of the sizes file
+
+    return SyncNetV2LossExpert(load_sync_expert(Path(path), device), max_shift, temperature=temperature)

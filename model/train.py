@@ -80,10 +80,28 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
                                  stage2_losses=dataclasses.replace(recipe.stage2_losses, **overrides))
     if cfg.pixel_loss_max_timestep is not None:
         recipe = dataclasses.replace(recipe, pixel_loss_max_timestep=cfg.pixel_loss_max_timestep)
+    if cfg.sync_expert and cfg.stage == "stage2" and recipe.stage2_losses.sync:
+        recipe = syncnet_pixel_frames(recipe, cfg.clip_frames or model_cfg.clip_frames)
     return dataclasses.replace(
         model_cfg, recipe=recipe,
         clip_frames=model_cfg.clip_frames if cfg.clip_frames is None else cfg.clip_frames,
         motion_frames=model_cfg.motion_frames if cfg.motion_frames is None else cfg.motion_frames)
+
+
+def syncnet_pixel_frames(recipe, clip_frames: int):
+    """``recipe`` with at least one syncnet_v2 window (5 frames) of decoded frames: the tiny recipe decodes 4.
+    Raises ``ValueError`` when the clip itself is shorter than a window."""
+    from model.syncnet import WINDOW_FRAMES
+
+    if clip_frames < WINDOW_FRAMES:
+        raise ValueError(f"sync_expert (syncnet_v2) scores {WINDOW_FRAMES}-frame windows and the clip has "
+                         f"{clip_frames} frames: set clip_frames={WINDOW_FRAMES} or more (the tiny model's default is "
+                         f"4), or leave sync_expert empty for the train-experts sync expert")
+    if recipe.pixel_frames < WINDOW_FRAMES:
+        log.info(f"sync_expert: decoding {WINDOW_FRAMES} frames per sample for the pixel losses (the recipe's "
+                 f"pixel_frames is {recipe.pixel_frames}, less than one syncnet_v2 window)")
+        recipe = dataclasses.replace(recipe, pixel_frames=WINDOW_FRAMES)
+    return recipe
 
 
 def frozen_encoders(cfg: TrainConfig, model_cfg: ModelConfig):
@@ -111,7 +129,8 @@ def frozen_parts(cfg: TrainConfig, model_cfg: ModelConfig, device):
     vae, audio_encoder = frozen_encoders(cfg, model_cfg)
     # stage 2 refuses weighted pixel losses whose expert was never trained (model/experts.py, train-experts)
     weights = model_cfg.recipe.stage2_losses if cfg.stage == "stage2" else model_cfg.recipe.stage1_losses
-    experts = load_loss_experts(model_cfg, weights, cfg.experts, allow_untrained=cfg.untrained_experts)
+    experts = load_loss_experts(model_cfg, weights, cfg.experts, allow_untrained=cfg.untrained_experts,
+                                sync_expert=cfg.sync_expert)
     if cfg.untrained_experts and cfg.stage == "stage2" and pixel_losses_on(model_cfg):
         log.warning("untrained_experts=true: stage 2's pixel losses score frames with random experts")
     return vae.eval().to(device), audio_encoder.eval().to(device), experts.eval().to(device)
@@ -248,6 +267,7 @@ def training_batch(raw: dict, cfg: TrainConfig, model_cfg: ModelConfig, vae, aud
         emotion=emotion,
         aus=raw.get("aus", zeros(t, d.au_count)),
         first_frame=raw["first_frame"],
+        waveform=raw.get("audio"),  # for a sync expert that reads audio (sync_expert=, model/syncnet.py)
     )
 
 

@@ -73,6 +73,7 @@ class TrainConfig:
     vae: str = ""  # SD VAE folder (AutoencoderKL)
     wav2vec: str = ""  # wav2vec2-base folder
     experts: str = ""  # folder of <expert>.safetensors (synchrorama train-experts) for stage 2's pixel losses
+    sync_expert: str = ""  # syncnet_v2.model (or a SyncNetV2 saved with its .json sizes) scores the sync loss instead
     untrained_experts: bool = False  # smoke runs only: allow weighted pixel losses without trained experts
     init_from: str = ""  # a checkpoint folder whose model.safetensors starts this stage (e.g. stage 1's)
     init_a2m_from: str = ""  # the a2m run's checkpoint folder: its A2M is copied in exactly and stays frozen

@@ -194,6 +194,12 @@ def pixel_losses(model, batch, clean_latents, vae, experts, weights, generator=N
 
     losses = {}
     if weights["sync"]:
+        if getattr(experts.sync, "reads_waveform", False):  # syncnet_v2 (sync_expert=): MFCC of the waveform
+            if batch.waveform is None:
+                raise ValueError("the sync expert reads the clip's 16 kHz waveform, and this batch has none "
+                                 "(TrainingBatch.waveform); model/train.py's training_batch fills it from the shards")
+            spf = d.samples_per_frame
+            audio = batch.waveform[:, audio_start * spf:(audio_start + n) * spf]
         with torch.no_grad():
             reference = experts.sync.estimate(real, audio)
         losses["sync"] = sync_loss(experts.sync.estimate(predicted, audio), reference)
