@@ -49,7 +49,7 @@ from model.emotion_embedding import align_windows_to_frames
 from model.experts import LossExperts, SyncNetExpert, description_embedding, mouth_box
 from model.losses import attr_action_loss
 from shards import schema
-from shards.reader import decode_clip, shard_urls
+from shards.reader import SkipCounter, count_lost, decode_clip, shard_urls, verified_samples
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,11 @@ def load_clips(cfg: ExpertTrainingConfig, model_cfg: ModelConfig, expert: SyncNe
     """Every readable clip of the shards (up to ``max_clips``), sorted by clip id."""
     audio_encoder = _audio_encoder(cfg, device)
     clips, failed = [], 0
-    for sample in wds.WebDataset(shard_urls(cfg.shards), shardshuffle=False, empty_check=False):
+    expanded = shard_urls(cfg.shards)
+    urls = wds.shardlists.expand_urls(expanded) if isinstance(expanded, str) else list(expanded)
+    # each shard checked against its manifest (sha256, sample count) as the training loader does; losses counted
+    lost = SkipCounter()
+    for sample in count_lost(verified_samples({"url": url} for url in urls), skipped=lost):
         if len(clips) >= cfg.max_clips:
             break
         members = [m for m in READ_MEMBERS if m in sample]
@@ -162,8 +166,12 @@ def load_clips(cfg: ExpertTrainingConfig, model_cfg: ModelConfig, expert: SyncNe
         except Exception as error:  # one bad clip never stops the run
             failed += 1
             log.warning(f"skipping clip {sample.get('__key__')!r}: {error}")
+    if lost.count:
+        log.warning(f"{lost.count} samples of {cfg.shards} were lost to shards that failed their manifest check "
+                    "(see the lines above); `synchrorama validate` names them")
     if not clips:
-        raise ValueError(f"no readable clip in {cfg.shards} ({failed} failed): train-experts needs shards written "
+        raise ValueError(f"no readable clip in {cfg.shards} ({failed} failed, {lost.count} lost to damaged shards): "
+                         "train-experts needs shards written "
                          "by the preprocessing pipeline (mp4, wav, landmarks.npy, json; wav2vec.npy for sync)")
     return sorted(clips, key=lambda c: c.clip_id)
 

@@ -72,6 +72,7 @@ from shards.tables import (
     TABLES_DIR,
     committed_state,
 )
+from synchrorama.run_lock import live_holder
 
 __all__ = ["validate_output", "validate_sample", "validate_shards"]
 
@@ -390,8 +391,13 @@ def validate_output(out_dir: Path) -> list[str]:
                   f"started {holder.get('started_at')}"
         except (OSError, ValueError, AttributeError):
             who = "a run that left no description"
-        problems.append(f"{PUBLISHING_MARKER}: a publish was interrupted ({who}), or is running now: shards, tables "
-                        f"and summary.json may disagree; rerun preprocess on this out_dir to complete it")
+        live = live_holder(out_dir)
+        if live is not None:
+            problems.append(f"{PUBLISHING_MARKER}: a run is publishing now ({live}): shards, tables and summary.json "
+                            "are being replaced; validate again when it has finished")
+        else:
+            problems.append(f"{PUBLISHING_MARKER}: a publish was interrupted ({who}): shards, tables and "
+                            "summary.json may disagree; rerun preprocess on this out_dir to complete it")
     shard_dir = out_dir / SHARDS_DIR
     problems += [f"{SHARDS_DIR}/{problem}" for problem in validate_shards(shard_dir)]
     tables_dir = out_dir / TABLES_DIR

@@ -73,3 +73,25 @@ def hold_output_lock(out_dir: Path, purpose: str) -> Iterator[Path]:
             os.ftruncate(fd, 0)  # a clean exit leaves no holder to report
     finally:
         os.close(fd)  # releases the flock
+
+
+def live_holder(out_dir: Path) -> str | None:
+    """A description of the live run holding ``out_dir``'s lock, or None when no live process holds it.
+
+    Read-only: the lock file is opened for reading and probed with a shared, non-blocking ``flock`` that is
+    dropped at once (a run starting in that instant is refused as if a second run held the folder; retrying works).
+    Lets ``synchrorama validate`` tell a publish that is running from one that was interrupted."""
+    path = Path(out_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder_text(os.pread(fd, 4096, 0).decode("utf-8", errors="replace"))
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

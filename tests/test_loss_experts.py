@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import av
@@ -210,3 +212,18 @@ def test_full_config_sync_loss_sees_several_windows_and_a_frame_dependent_misali
     window = cfg.recipe.emo_window_frames
     assert window_means(torch.randn(1, n, 2), window, window // 2).shape[1] > 1
     assert 0 < cfg.recipe.pixel_loss_max_timestep < cfg.recipe.num_train_timesteps
+
+
+def test_train_experts_reads_only_shards_that_match_their_manifest(talking_shards, tmp_path, caplog):
+    shards = Path(shutil.copytree(talking_shards, tmp_path / "shards"))
+    tar = shards / "shard-000000.tar"
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only the manifest's sha256 can tell
+    tar.write_bytes(bytes(data))
+    spec = ExpertTrainingConfig(shards=str(shards), out=str(tmp_path / "experts"))
+    cfg = tiny_config()
+    with caplog.at_level(logging.WARNING):
+        clips = load_clips(spec, cfg, SyncNetExpert(cfg), torch.device("cpu"))
+    intact = json.loads((shards / "shard-000001.json").read_text())["clip_ids"]
+    assert sorted(c.clip_id for c in clips) == sorted(intact)  # nothing of the damaged shard is delivered
+    assert any("lost to shards that failed their manifest check" in r.getMessage() for r in caplog.records)

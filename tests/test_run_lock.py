@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from synchrorama.run_lock import LOCK_FILE, OutputLocked, hold_output_lock
+from synchrorama.run_lock import LOCK_FILE, OutputLocked, hold_output_lock, live_holder
 
 HOLDER = """
 import sys, time
@@ -58,3 +58,29 @@ def test_a_live_holder_in_another_process_refuses_and_a_killed_one_is_recovered(
         with hold_output_lock(tmp_path, "after the kill"):
             pass
     assert any(f"pid {child.pid}" in r.message and "no longer running" in r.message for r in caplog.records)
+
+
+def test_live_holder_tells_a_running_holder_from_a_dead_one_without_taking_the_lock(tmp_path):
+    assert live_holder(tmp_path) is None  # no lock file at all
+    child = _child_holding(tmp_path)
+    try:
+        assert f"pid {child.pid}" in live_holder(tmp_path)
+        assert f"pid {child.pid}" in live_holder(tmp_path)  # the probe took nothing away from the holder
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert live_holder(tmp_path) is None  # the file still names the dead holder, but nobody holds the lock
+
+
+def test_validate_tells_a_publish_in_progress_from_an_interrupted_one(tmp_path):
+    from shards.validate import validate_output
+
+    (tmp_path / "publishing.json").write_text(json.dumps({"run_id": "r1", "pid": 1, "host": "h"}))
+    child = _child_holding(tmp_path)
+    try:
+        live = validate_output(tmp_path)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert any("a run is publishing now" in problem and f"pid {child.pid}" in problem for problem in live)
+    assert any("a publish was interrupted" in problem for problem in validate_output(tmp_path))
