@@ -119,7 +119,8 @@ def _print_rows(title: str, columns: tuple[str, ...], rows: list[tuple]) -> None
 
 @app.command("inspect")
 def inspect_command(out_dir: Path = typer.Argument(..., help="a preprocess out_dir")) -> None:
-    """Print counts, reject reasons, durations and per-stage time from a run's parquet tables."""
+    """Print counts, reject reasons, durations and per-stage time from a run's parquet tables, and disk use: bytes
+    per shard member kind, per folder and per stage cache, also per kept second of video."""
     from synchrorama.inspect_tables import COLUMNS, inspect_run
 
     for name, rows in inspect_run(out_dir).items():

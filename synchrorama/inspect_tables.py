@@ -1,7 +1,11 @@
-"""Reading the parquet tables of a run for people: counts, reject reasons, durations (duckdb SQL)."""
+"""Reading the parquet tables of a run for people: counts, reject reasons, durations (duckdb SQL), and where the
+run's disk space goes (``disk_use``)."""
 
 from __future__ import annotations
 
+import os
+import tarfile
+from collections import defaultdict
 from pathlib import Path
 
 import duckdb
@@ -35,7 +39,54 @@ def inspect_run(out_dir: Path) -> dict[str, list[tuple]]:
                          f"GROUP BY stage ORDER BY seconds DESC",
         "annotation_issues": f"SELECT kind, count(*) AS n FROM {issues} GROUP BY kind ORDER BY n DESC, kind",
     }
-    return {name: con.execute(sql).fetchall() for name, sql in queries.items()}
+    results = {name: con.execute(sql).fetchall() for name, sql in queries.items()}
+    kept_seconds = next((row[2] for row in results["status"] if row[0] == "kept"), None) or 0.0
+    results["disk_use"] = disk_use(out_dir, kept_seconds)
+    return results
+
+
+def _tree_bytes(root: Path, seen: set[tuple[int, int]]) -> tuple[int, int]:
+    """(files, bytes) under ``root``, counting a file hard-linked more than once (``seen``: inodes) only once."""
+    files = size = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            stat = os.lstat(os.path.join(folder, name))
+            if (stat.st_dev, stat.st_ino) in seen:
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
+            files, size = files + 1, size + stat.st_size
+    return files, size
+
+
+def disk_use(out_dir: Path, kept_seconds: float) -> list[tuple]:
+    """Rows (what, files, MB, bytes per kept second of video): each shard member kind (from the tars' headers:
+    ``mp4``, ``wav``, ``wav2vec.npy`` ...), the shards and tables folders, each stage's cache folder under ``work/``,
+    and the total. A hard-linked file counts once, where it is first seen (shards first)."""
+    out_dir = Path(out_dir)
+    per_second = (lambda size: round(size / kept_seconds)) if kept_seconds else (lambda size: None)
+    rows: list[tuple] = []
+    members: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for tar_path in sorted((out_dir / "shards").glob("shard-*.tar")):
+        try:
+            with tarfile.open(tar_path) as tar:  # headers only: the data is skipped, not read
+                for info in tar:
+                    kind = info.name.partition(".")[2] or info.name
+                    members[kind][0] += 1
+                    members[kind][1] += info.size
+        except (OSError, tarfile.TarError):
+            continue  # a damaged shard: `synchrorama validate` names it; its folder size still counts below
+    for kind, (count, size) in sorted(members.items(), key=lambda item: -item[1][1]):
+        rows.append((f"shards: .{kind}", count, round(size / 1e6, 2), per_second(size)))
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    places = [out_dir / "shards", out_dir / "tables"]
+    places += sorted(p for p in (out_dir / "work").iterdir() if p.is_dir()) if (out_dir / "work").is_dir() else []
+    for place in places:
+        files, size = _tree_bytes(place, seen)
+        total += size
+        rows.append((f"{place.relative_to(out_dir)}/", files, round(size / 1e6, 2), per_second(size)))
+    rows.append(("total", None, round(total / 1e6, 2), per_second(total)))
+    return rows
 
 
 COLUMNS = {
@@ -44,4 +95,5 @@ COLUMNS = {
     "durations": ("kept", "min_s", "median_s", "max_s", "hours"),
     "stage_seconds": ("stage", "runs", "seconds", "cached"),
     "annotation_issues": ("kind", "n"),
+    "disk_use": ("where", "files", "MB", "bytes_per_kept_s"),
 }

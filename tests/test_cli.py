@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tarfile
 
 import pytest
 from typer.testing import CliRunner
@@ -38,6 +39,21 @@ def test_inspect_prints_counts_reasons_and_durations(small_run):
     assert result.exit_code == 0, result.output
     assert re.search(r"kept\s*│\s*1\s*│\s*4\.0", result.output)
     assert "too_short" in result.output and "stage seconds" in result.output
+
+
+def test_inspect_shows_disk_use_per_member_folder_and_kept_second(small_run):
+    from synchrorama.inspect_tables import inspect_run
+
+    rows = {row[0]: row for row in inspect_run(small_run)["disk_use"]}
+    shard_bytes = sum(path.stat().st_size for path in (small_run / "shards").iterdir())
+    assert rows["shards/"][2] == round(shard_bytes / 1e6, 2)
+    # the one kept clip lasts 4.0 s: per-second figures are the member's bytes over 4
+    with tarfile.open(small_run / "shards" / "shard-000000.tar") as tar:
+        mp4_bytes = sum(info.size for info in tar if info.name.endswith(".mp4"))
+    assert rows["shards: .mp4"][1] == 1 and rows["shards: .mp4"][3] == round(mp4_bytes / 4.0)
+    assert {"shards: .wav2vec.npy", "tables/", "work/standardise/", "work/pieces/", "total"} <= set(rows)
+    assert rows["total"][2] >= rows["shards/"][2] + rows["work/standardise/"][2]
+    assert "disk use" in runner.invoke(app, ["inspect", str(small_run)]).output
 
 
 def test_report_writes_html_with_plots(small_run):
