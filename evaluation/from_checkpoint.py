@@ -27,9 +27,8 @@ means the mp4 is complete.
 
 Deviations: the whole clip is generated (the paper does not say which length it evaluates); the description is
 the captioner's, not the shard's (the protocol names only image and audio; the shards' descriptions were made
-from the clip's moving frames, which a generation from one image does not have); the generator, its frozen
-encoders and the preprocessing models are reloaded by ``generate_video`` for every clip (its public interface
-takes paths; for the full model this adds seconds per clip to minutes of sampling).
+from the clip's moving frames, which a generation from one image does not have). The generator is loaded once
+for all clips (``model.generate.load_generator`` keeps the last one), the preprocessing models once per process.
 
 What is recorded next to the metric settings (``table.md``, ``evaluation.json``, both parquet files): the
 checkpoint folder, its step, stage and model size, the sha256 of ``model.safetensors`` from the checkpoint's

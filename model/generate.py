@@ -58,7 +58,7 @@ from model.config import ModelConfig
 from model.emotion_embedding import EmotionFeatures
 from model.pipeline import GeneratedVideo, TalkingFacePipeline
 from model.synchrorama import SynchroRamaModel
-from model.train import frozen_encoders, latest_checkpoint, model_config, video_config
+from model.train import MANIFEST, frozen_encoders, latest_checkpoint, model_config, video_config
 from model.train_config import TrainConfig, parse_value
 from preprocess.media import run_ffmpeg
 from preprocess.separate import separate_vocals
@@ -124,7 +124,24 @@ def checkpoint_config(checkpoint: Path, overrides: list[str] = ()) -> TrainConfi
 
 
 def load_generator(checkpoint: Path, cfg: TrainConfig, weights: str, device: torch.device):
-    """(model, vae, audio_encoder, video config) on ``device``, the model in eval mode with ``weights``."""
+    """(model, vae, audio_encoder, video config) on ``device``, the model in eval mode with ``weights``.
+
+    The last one loaded is kept (``_last_generator``): generating many clips from one checkpoint in a process
+    (``synchrorama evaluate --checkpoint``) loads it once, not once per clip. The key holds the checkpoint's
+    manifest (its files' hashes), so a re-saved checkpoint at the same path is loaded again."""
+    manifest = checkpoint / MANIFEST
+    key = (str(checkpoint.resolve()), manifest.read_text() if manifest.is_file() else None,
+           json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str), weights, str(device))
+    if _last_generator.get("key") != key:
+        _last_generator.clear()  # free the previous model before loading the next
+        _last_generator.update(key=key, loaded=_load_generator(checkpoint, cfg, weights, device))
+    return _last_generator["loaded"]
+
+
+_last_generator: dict = {}
+
+
+def _load_generator(checkpoint: Path, cfg: TrainConfig, weights: str, device: torch.device):
     model_cfg = model_config(cfg)
     model = SynchroRamaModel(model_cfg)
     state = load_file(str(checkpoint / "model.safetensors"))

@@ -47,6 +47,7 @@ these sizes; here they are derived so that tiny models of the same class can be 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -447,11 +448,45 @@ class SyncNetV2LossExpert(nn.Module):
         return SyncEstimate(offset / self.fps, where / self.fps)
 
 
+SIZE_SUFFIX = ".json"  # <weights file>.json: the SyncNetV2Size keys of a model that is not the full-size syncnet_v2
+
+
+def load_sync_expert(path: Path, device: str | torch.device = "cpu") -> SyncNetV2:
+    """``load_syncnet`` with the model's sizes from ``<path>.json`` when that file exists (a tiny or retrained
+    model), else the released syncnet_v2's. Raises ``SyncNetWeightsError`` naming the path and how to fix it."""
+    path = Path(path)
+    sizes_file = Path(f"{path}{SIZE_SUFFIX}")
+    size = None
+    if sizes_file.is_file():
+        try:
+            size = SyncNetV2Size(**{key: tuple(value) if isinstance(value, list) else value
+                                    for key, value in json.loads(sizes_file.read_text()).items()})
+        except (ValueError, TypeError) as error:
+            raise SyncNetWeightsError(f"{sizes_file} does not hold SyncNetV2Size keys ({error}); delete it for the "
+                                      f"released syncnet_v2, or write e.g. {json.dumps(vars(SyncNetV2Size.tiny()))}"
+                                      ) from error
+    try:
+        return load_syncnet(path, device, size)
+    except SyncNetWeightsError as error:
+        if size is None and "mismatched" in str(error):
+            raise SyncNetWeightsError(f"{error} A model of other sizes needs {sizes_file} with its SyncNetV2Size "
+                                      f"keys next to it (save_sync_expert writes both).") from error
+        raise
+
+
+def save_sync_expert(model: SyncNetV2, path: Path) -> Path:
+    """Write ``model``'s state dict (without BatchNorm counters, like the released file) and its sizes file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {key: value for key, value in model.state_dict().items() if not key.endswith("num_batches_tracked")}
+    torch.save(state, path)
+    Path(f"{path}{SIZE_SUFFIX}").write_text(json.dumps(vars(model.size)))
+    return path
+
+
 def load_sync_loss_expert(path: str | Path, max_shift: int, device: str | torch.device = "cpu",
                           temperature: float = 0.5) -> SyncNetV2LossExpert:
     """``SyncNetV2LossExpert`` around the weights at ``path``: the released ``syncnet_v2.model``, or a model of
-    other sizes saved with ``preprocess.sync_check.save_sync_expert`` (its ``<path>.json`` sizes file next to it).
+    other sizes saved with ``save_sync_expert`` (its ``<path>.json`` sizes file next to it).
     Raises ``SyncNetWeightsError`` naming the file and where the released weights come from."""
-    from preprocess.sync_check import load_sync_expert  # the filter's loader: one reading of the sizes file
-
     return SyncNetV2LossExpert(load_sync_expert(Path(path), device), max_shift, temperature=temperature)

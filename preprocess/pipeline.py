@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.syncnet import SIZE_SUFFIX as SYNC_SIZE_SUFFIX
 from preprocess.action_units import AUBackend, ExportedAUs, GeometricAUs
 from preprocess.cache import StageCache, file_fingerprint, stable_hash
 from preprocess.crop import choose_crop
@@ -53,7 +54,6 @@ from preprocess.speech_emotion import classify_speech
 from preprocess.stage_models import is_tiny_reference, load_model, local_path
 from preprocess.standardise import VIDEO_FILE, StandardisedClip, standardise_clip
 from preprocess.sync_check import REASON as OUT_OF_SYNC
-from preprocess.sync_check import SIZE_SUFFIX as SYNC_SIZE_SUFFIX
 from preprocess.sync_check import check_sync
 from preprocess.text_emotion import score_transcript
 from preprocess.transcribe import transcribe_vocals
@@ -312,6 +312,16 @@ def run_select(job: ClipJob, settings: PreprocessSettings, workspace: Workspace)
         log.error("selecting pieces crashed on %s:\n%s", job.candidate.candidate_id, traceback.format_exc())
         return [PieceOutcome(clip_id=job.candidate.candidate_id, job=job,
                              rejection=Rejection("pieces", "error", f"{type(error).__name__}: {error}"))]
+
+
+def run_clip_stages(candidate: Candidate, settings: PreprocessSettings,
+                    workspace: Workspace) -> tuple[ClipJob, list[PieceOutcome]]:
+    """Every per-clip stage in order, without Prefect (tests, benchmarks): the job after face-landmarks and the
+    piece outcomes of filter-and-split."""
+    job = start_job(candidate, workspace)
+    for stage in (run_probe, run_locate, run_standardise, run_faces):
+        job = stage(job, settings, workspace)
+    return job, run_select(job, settings, workspace)
 
 
 def _speech_activity(job: ClipJob, settings: PreprocessSettings, workspace: Workspace) -> tuple[np.ndarray, ClipJob]:

@@ -394,9 +394,8 @@ def _load_vae(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> 
 
 def _load_sync_expert(choice: ModelChoice, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """syncnet_v2 (``model.syncnet``) from a local state-dict file (sizes from ``<file>.json`` when present, see
-    ``preprocess.sync_check.load_sync_expert``); float32, frozen. It is on no hub, so a reference must be a path."""
-    from model.syncnet import WEIGHTS_HELP, SyncNetWeightsError
-    from preprocess.sync_check import load_sync_expert
+    ``model.syncnet.load_sync_expert``); float32, frozen. It is on no hub, so a reference must be a path."""
+    from model.syncnet import WEIGHTS_HELP, SyncNetWeightsError, load_sync_expert
 
     path = local_path(choice.model)
     if path is None:

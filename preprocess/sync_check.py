@@ -30,7 +30,6 @@ the shifted ``clip.wav``), so every later stage and the shard read the corrected
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -38,14 +37,12 @@ from pathlib import Path
 
 import numpy as np
 import soundfile
-import torch
 
-from model.syncnet import (
+from model.syncnet import (  # the expert's files: one convention, in the model's module
     WEIGHTS_HELP,
     SyncNetV2,
-    SyncNetV2Size,
-    SyncNetWeightsError,
-    load_syncnet,
+    load_sync_expert,
+    save_sync_expert,
     sync_offset,
 )
 from preprocess.faces import LANDMARKS_FILE, POSE_FILE
@@ -54,42 +51,6 @@ from preprocess.settings import MediaTimeouts, SyncSettings
 from preprocess.standardise import AUDIO_FILE, VIDEO_FILE
 
 REASON = "out_of_sync"
-SIZE_SUFFIX = ".json"  # <weights file>.json: the SyncNetV2Size keys of a model that is not the full-size syncnet_v2
-
-
-def load_sync_expert(path: Path, device: str | torch.device = "cpu") -> SyncNetV2:
-    """``load_syncnet`` with the model's sizes from ``<path>.json`` when that file exists (a tiny or retrained
-    model), else the released syncnet_v2's. Raises ``SyncNetWeightsError`` naming the path and how to fix it."""
-    path = Path(path)
-    sizes_file = Path(f"{path}{SIZE_SUFFIX}")
-    size = None
-    if sizes_file.is_file():
-        try:
-            size = SyncNetV2Size(**{key: tuple(value) if isinstance(value, list) else value
-                                    for key, value in json.loads(sizes_file.read_text()).items()})
-        except (ValueError, TypeError) as error:
-            raise SyncNetWeightsError(f"{sizes_file} does not hold SyncNetV2Size keys ({error}); delete it for the "
-                                      f"released syncnet_v2, or write e.g. {json.dumps(vars(SyncNetV2Size.tiny()))}"
-                                      ) from error
-    try:
-        return load_syncnet(path, device, size)
-    except SyncNetWeightsError as error:
-        if size is None and "mismatched" in str(error):
-            raise SyncNetWeightsError(f"{error} A model of other sizes needs {sizes_file} with its SyncNetV2Size "
-                                      f"keys next to it (save_sync_expert writes both).") from error
-        raise
-
-
-def save_sync_expert(model: SyncNetV2, path: Path) -> Path:
-    """Write ``model``'s state dict (without BatchNorm counters, like the released file) and its sizes file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {key: value for key, value in model.state_dict().items() if not key.endswith("num_batches_tracked")}
-    torch.save(state, path)
-    Path(f"{path}{SIZE_SUFFIX}").write_text(json.dumps(vars(model.size)))
-    return path
-
-
 def sync_frames(video: Path, clip_size: int, image_size: int, limits: MediaTimeouts | None = None) -> np.ndarray:
     """``(T, S, S, 3)`` uint8 RGB: the piece's ``clip_size`` face crop, each frame resized to the expert's
     ``image_size`` with ``cv2.resize`` (bilinear), as the stage feeds it. Tests train their expert on this too."""

@@ -227,8 +227,7 @@ def _build_wav2vec(out: Path) -> None:
 def _build_syncnet(out: Path) -> None:
     import torch
 
-    from model.syncnet import SyncNetV2, SyncNetV2Size
-    from preprocess.sync_check import save_sync_expert
+    from model.syncnet import SyncNetV2, SyncNetV2Size, save_sync_expert
 
     torch.manual_seed(4)
     save_sync_expert(SyncNetV2(**vars(SyncNetV2Size.tiny())).eval(), out / "syncnet_v2_tiny.model")

@@ -19,12 +19,7 @@ from preprocess.locate import FaceSurvey, count_speakers
 from preprocess.media import feed_stdin, iter_rgb_frames, media_limits
 from preprocess.pipeline import (
     Workspace,
-    run_faces,
-    run_locate,
-    run_probe,
-    run_select,
-    run_standardise,
-    start_job,
+    run_clip_stages,
 )
 from preprocess.records import Candidate, CropBox
 from preprocess.settings import load_settings
@@ -60,11 +55,7 @@ def write_scene(path: Path, width: int, height: int, seconds: float, faces) -> P
 
 def run_stages(path: Path, out_dir: Path, candidate_id: str):
     """The per-clip stages up to filter-and-split: (job after faces, piece outcomes)."""
-    workspace = Workspace(out_dir)
-    job = start_job(Candidate(candidate_id, str(path), "folder"), workspace)
-    for stage in (run_probe, run_locate, run_standardise, run_faces):
-        job = stage(job, SETTINGS, workspace)
-    return job, run_select(job, SETTINGS, workspace)
+    return run_clip_stages(Candidate(candidate_id, str(path), "folder"), SETTINGS, Workspace(out_dir))
 
 
 # ------------------------------------------------------------------ the track on its own (no media)

@@ -20,13 +20,8 @@ import torch
 from preprocess.pipeline import (
     Workspace,
     piece_source_range,
-    run_faces,
-    run_locate,
-    run_probe,
-    run_select,
+    run_clip_stages,
     run_separate,
-    run_standardise,
-    start_job,
 )
 from preprocess.records import Candidate
 from preprocess.separate import demucs_input
@@ -106,10 +101,8 @@ def separated(source, tiny, tmp_path_factory, demucs_model):
     import demucs.apply as demucs_apply
 
     workspace = Workspace(tmp_path_factory.mktemp("out"))
-    job = start_job(Candidate("talk", str(source), "folder", start_s=START_S, end_s=END_S), workspace)
-    for stage in (run_probe, run_locate, run_standardise, run_faces):
-        job = stage(job, tiny, workspace)
-    pieces = run_select(job, tiny, workspace)
+    job, pieces = run_clip_stages(Candidate("talk", str(source), "folder", start_s=START_S, end_s=END_S), tiny,
+                                  workspace)
     captured = []
     real_apply_model = demucs_apply.apply_model
 

@@ -21,12 +21,7 @@ from preprocess.identity import LandmarkGeometry, identity_change
 from preprocess.media import feed_stdin, media_limits
 from preprocess.pipeline import (
     Workspace,
-    run_faces,
-    run_locate,
-    run_probe,
-    run_select,
-    run_standardise,
-    start_job,
+    run_clip_stages,
 )
 from preprocess.records import Candidate
 from preprocess.settings import load_settings
@@ -93,11 +88,9 @@ def select(source: Path, dataset: str, workspace: Workspace, overrides: dict | N
     """The video stages and run_select on one candidate (the cache shares the heavy stages between calls)."""
     settings = load_settings("tiny", overrides)
     candidate = Candidate(candidate_id=source.stem, source=str(source), dataset=dataset, end_s=end_s)
-    job = start_job(candidate, workspace)
-    for stage in (run_probe, run_locate, run_standardise, run_faces):
-        job = stage(job, settings, workspace)
+    job, outcomes = run_clip_stages(candidate, settings, workspace)
     assert job.rejection is None, job.rejection
-    return run_select(job, settings, workspace)
+    return outcomes
 
 
 # ---------------------------------------------------------------- units: the rules on known numbers

@@ -17,12 +17,7 @@ import torch
 from preprocess.filters import audio_padding_per_frame
 from preprocess.pipeline import (
     Workspace,
-    run_faces,
-    run_locate,
-    run_probe,
-    run_select,
-    run_standardise,
-    start_job,
+    run_clip_stages,
 )
 from preprocess.records import Candidate
 from preprocess.settings import SpeechActivitySettings, load_settings
@@ -144,11 +139,9 @@ def _with_soundtrack(video: Path, audio: np.ndarray, rate: int, out: Path) -> Pa
 
 
 def _select(source: Path, settings, workspace: Workspace):
-    job = start_job(Candidate(source.stem, str(source), "folder"), workspace)
-    for stage in (run_probe, run_locate, run_standardise, run_faces):
-        job = stage(job, settings, workspace)
+    job, outcomes = run_clip_stages(Candidate(source.stem, str(source), "folder"), settings, workspace)
     assert job.rejection is None, job.rejection
-    return job, run_select(job, settings, workspace)
+    return job, outcomes
 
 
 @pytest.fixture(scope="module")

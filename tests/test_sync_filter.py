@@ -26,13 +26,8 @@ from preprocess import stage_models
 from preprocess.pipeline import (
     Workspace,
     piece_source_range,
-    run_faces,
-    run_locate,
-    run_probe,
-    run_select,
-    run_standardise,
+    run_clip_stages,
     run_sync,
-    start_job,
 )
 from preprocess.preflight import active_models
 from preprocess.records import Candidate
@@ -67,11 +62,9 @@ def _settings(model_path: Path, **sync):
 
 
 def _pieces(video: Path, settings, workspace: Workspace):
-    job = start_job(Candidate(video.stem, str(video), "folder"), workspace)
-    for stage in (run_probe, run_locate, run_standardise, run_faces):
-        job = stage(job, settings, workspace)
+    job, outcomes = run_clip_stages(Candidate(video.stem, str(video), "folder"), settings, workspace)
     assert job.rejection is None, job.rejection
-    return job, run_select(job, settings, workspace)
+    return job, outcomes
 
 
 @pytest.fixture(scope="module")
