@@ -1,30 +1,36 @@
-"""The ``preprocess`` Prefect flow: discovers candidate clips and maps each stage over them as Prefect tasks.
+"""The ``preprocess`` Prefect flow: discovers candidate clips, splits them into partitions and runs each partition
+through four stage groups, one Prefect task each (issue 13; ``preprocess.partitions``).
 
-One task per stage per clip (rather than one task per clip running all stages) so that the UI shows
-progress stage by stage, model stages can later batch across clips, and stages that need a GPU can carry the
-``gpu`` tag and its concurrency limit. The stages know nothing of Prefect: each task is a one-line call into
-``preprocess.pipeline``, which does the caching, so a re-run with nothing changed does no stage work and a
-killed run resumes where it stopped.
+Partitions, not clips, are the unit of orchestration: ``partitions.max_clips`` candidates (or
+``partitions.max_seconds`` of annotated video) each, so a dataset's task-run count grows with its partitions
+(four per partition, plus a handful per run), not with clips x stages; Prefect's server and the Dask runner stall
+at a few thousand task runs. The groups: ``video`` (fingerprint, probe, locate, standardise, face landmarks,
+filter-and-split, on the CPU), ``audio`` (sync check, separation, transcription, text and speech emotion,
+valence-arousal, wav2vec) and ``visual`` (action units, description, text embedding, latents), which batch each
+stage across the partition's pieces and take a slot of a strict Prefect global concurrency limit
+(``partitions.gpu_limit_name``, ``partitions.gpu_slots``; created by the run when missing), and ``write`` (the
+partition's shards and tables, marker last). Task runs are named ``<group>-p00042``; a progress artifact per group
+shows the share of partitions through it.
 
-After filter-and-split, the sync check (sync-check: SyncNet offset and confidence; it may shift a piece's audio or
-reject it ``out_of_sync``), then the audio and emotion stages are mapped over the kept pieces, one task per stage
-(separate-vocals, transcribe, text-emotion, speech-emotion, valence-arousal, wav2vec), then the visual and
-semantic ones (action-units, describe, text-embedding, and vae-latents when enabled). The model stages carry
-the ``gpu`` tag (``prefect concurrency-limit create gpu 1`` serialises them on one GPU). Each loads its model
-once per worker process (``preprocess.stage_models``) and batches within a clip (never across clips, so that
-a clip's numbers do not depend on which clips shared its batch and a resumed run stays byte-identical).
+No global barrier: a partition goes on to its model groups as soon as its video group is done, while other
+partitions are still decoding, so CPU and GPU work overlap. At most ``workers`` CPU tasks (video, write) and
+``gpu_slots`` model-group tasks run at once; finishing started partitions comes before starting new ones, which
+bounds the work in flight. The stages know nothing of Prefect and do their own caching (``preprocess.cache``), so
+a rerun redoes only the partitions without a valid marker, and inside them only the stages whose outputs are
+missing. The engine (threads, Dask or Ray) comes from ``settings.engine`` (``flows.engines``).
 
 One run per out_dir: the flow holds ``synchrorama.run_lock``'s lock on the out_dir from before any clean-up
 to the end, so a second run there (``serve(limit=2)`` makes a double trigger easy) fails at once with
 ``OutputLocked``. A run that fails before publishing (a model that cannot load, too many stage failures, no
 candidates, no clip kept while shards are published) leaves every published file as it was; publishing is one
-run-level commit (``preprocess.write_outputs.publish_outputs``) that ``synchrorama validate`` checks.
+run-level commit (``preprocess.write_outputs.publish_partitions``) that ``synchrorama validate`` checks.
 
 Callable without a server, as a plain function::
 
     from flows.preprocess import preprocess
     preprocess(dataset="folder", raw_dir="videos/", out_dir="out/", profile="tiny")
 """
+
 
 from __future__ import annotations
 
@@ -34,53 +40,46 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
-from prefect.futures import PrefectFuture
+from prefect.concurrency.sync import concurrency
+from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.engines import build_task_runner, engine_workers, gpu_resources
+from flows.gpu_limit import ensure_gpu_limit
 from preprocess.discover import DATASETS, discover_candidates, looked_for
-from preprocess.failures import (
-    FAILURE_REASONS,
-    RunFailed,
-    check_failure_shares,
-    is_environment_error,
-    stage_failure_shares,
+from preprocess.failures import RunFailed, check_failure_shares, is_environment_error
+from preprocess.partitions import (
+    GPU_GROUPS,
+    STAGE_GROUPS,
+    Partition,
+    failure_counts,
+    finished_record,
+    has_transient_failures,
+    partition_dir,
+    partition_key,
+    plan_partitions,
+    prune_work,
+    remove_stale_partitions,
+    run_model_group,
+    run_video_group,
 )
-from preprocess.pipeline import (
-    AUDIO_STAGES,
-    VISUAL_STAGES,
-    ClipJob,
-    PieceOutcome,
-    Workspace,
-    run_action_units,
-    run_describe,
-    run_faces,
-    run_latents,
-    run_locate,
-    run_probe,
-    run_select,
-    run_separate,
-    run_speech_emotion,
-    run_standardise,
-    run_sync,
-    run_text_embedding,
-    run_text_emotion,
-    run_transcribe,
-    run_valence_arousal,
-    run_wav2vec,
-    start_job,
-)
+from preprocess.pipeline import ClipJob, PieceOutcome, Workspace
 from preprocess.preflight import load_active_models
-from preprocess.records import Candidate, Rejection
+from preprocess.records import Rejection
 from preprocess.settings import PreprocessSettings, load_settings
-from preprocess.write_outputs import TINY_MODELS_WARNING, publish_outputs, tiny_model_stages
+from preprocess.write_outputs import (
+    TINY_MODELS_WARNING,
+    publish_partitions,
+    tiny_model_stages,
+    write_partition,
+)
 from shards.schema import SHARD_NAME_PATTERN
 from shards.tables import SHARDS_DIR
 from synchrorama.run_lock import hold_output_lock
-
-PIECE_STAGES = ("sync", *AUDIO_STAGES, *VISUAL_STAGES)
 
 # Our own cache (in out_dir) decides what is redone, so Prefect's result cache is off for every task.
 _stage = {"cache_policy": NONE, "persist_result": False}
@@ -91,99 +90,41 @@ def load_models_task(settings: PreprocessSettings) -> list[str]:
     return load_active_models(settings)
 
 
-@task(name="start", **_stage)
-def start_task(candidate: Candidate, out_dir: str) -> ClipJob:
-    return start_job(candidate, Workspace(Path(out_dir)))
+@task(name="video", **_stage)
+def video_task(partition: Partition, settings: PreprocessSettings, out_dir: str) -> list[PieceOutcome]:
+    return run_video_group(partition, settings, Workspace(Path(out_dir)))
 
 
-@task(name="probe", **_stage)
-def probe_task(job: ClipJob, settings: PreprocessSettings, out_dir: str) -> ClipJob:
-    return run_probe(job, settings, Workspace(Path(out_dir)))
+@task(name="audio", tags=["gpu"], **_stage)
+def audio_task(pieces: list[PieceOutcome], settings: PreprocessSettings, out_dir: str) -> list[PieceOutcome]:
+    with concurrency(settings.partitions.gpu_limit_name, occupy=1, strict=True):
+        return run_model_group("audio", pieces, settings, Workspace(Path(out_dir)))
 
 
-@task(name="locate-faces", **_stage)
-def locate_task(job: ClipJob, settings: PreprocessSettings, out_dir: str) -> ClipJob:
-    return run_locate(job, settings, Workspace(Path(out_dir)))
+@task(name="visual", tags=["gpu"], **_stage)
+def visual_task(pieces: list[PieceOutcome], settings: PreprocessSettings, out_dir: str) -> list[PieceOutcome]:
+    with concurrency(settings.partitions.gpu_limit_name, occupy=1, strict=True):
+        return run_model_group("visual", pieces, settings, Workspace(Path(out_dir)))
 
 
-@task(name="standardise", **_stage)
-def standardise_task(job: ClipJob, settings: PreprocessSettings, out_dir: str) -> ClipJob:
-    return run_standardise(job, settings, Workspace(Path(out_dir)))
+@task(name="write", **_stage)
+def write_task(partition: Partition, key: str, pieces: list[PieceOutcome], settings: PreprocessSettings,
+               out_dir: str) -> dict[str, Any]:
+    """The partition's shards and tables, marker last; then (``partitions.prune_work``) the work entries its shards
+    now hold. A partition with a transient failure is marked ``retry`` and keeps its work entries."""
+    workspace = Workspace(Path(out_dir))
+    retry = has_transient_failures(pieces)
+    shares, examples = failure_counts(pieces)
+    record = write_partition(pieces, settings, partition_dir(workspace, key), {
+        "key": key, "name": partition.name, "retry": retry, "candidate_ids": [
+            candidate.candidate_id for candidate in partition.candidates],
+        "failures": shares, "failure_examples": examples})
+    if settings.partitions.prune_work and not retry:
+        prune_work(pieces, workspace)
+    return record
 
 
-@task(name="face-landmarks", **_stage)
-def faces_task(job: ClipJob, settings: PreprocessSettings, out_dir: str) -> ClipJob:
-    return run_faces(job, settings, Workspace(Path(out_dir)))
-
-
-@task(name="filter-and-split", **_stage)
-def select_task(job: ClipJob, settings: PreprocessSettings, out_dir: str) -> list[PieceOutcome]:
-    return run_select(job, settings, Workspace(Path(out_dir)))
-
-
-_model_stage = {**_stage, "tags": ["gpu"]}
-
-
-@task(name="sync-check", **_model_stage)
-def sync_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
-    return run_sync(piece, settings, Workspace(Path(out_dir)))
-
-
-@task(name="separate-vocals", **_model_stage)
-def separate_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
-    return run_separate(piece, settings, Workspace(Path(out_dir)))
-
-
-@task(name="transcribe", **_model_stage)
-def transcribe_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
-    return run_transcribe(piece, settings, Workspace(Path(out_dir)))
-
-
-@task(name="text-emotion", **_model_stage)
-def text_emotion_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
-    return run_text_emotion(piece, settings, Workspace(Path(out_dir)))
-
-
-@task(name="speech-emotion", **_model_stage)
-def speech_emotion_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
-    return run_speech_emotion(piece, settings, Workspace(Path(out_dir)))
-
-
-@task(name="valence-arousal", **_model_stage)
-def valence_arousal_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
-    return run_valence_arousal(piece, settings, Workspace(Path(out_dir)))
-
-
-@task(name="wav2vec", **_model_stage)
-def wav2vec_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
-    return run_wav2vec(piece, settings, Workspace(Path(out_dir)))
-
-
-@task(name="action-units", **_stage)
-def action_units_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
-    return run_action_units(piece, settings, Workspace(Path(out_dir)))
-
-
-@task(name="describe", **_model_stage)
-def describe_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
-    return run_describe(piece, settings, Workspace(Path(out_dir)))
-
-
-@task(name="text-embedding", **_model_stage)
-def text_embedding_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
-    return run_text_embedding(piece, settings, Workspace(Path(out_dir)))
-
-
-@task(name="vae-latents", **_model_stage)
-def latents_task(piece: PieceOutcome, settings: PreprocessSettings, out_dir: str) -> PieceOutcome:
-    return run_latents(piece, settings, Workspace(Path(out_dir)))
-
-
-# (pipeline stage name as in reject reasons, task): the per-piece model stages after separate-vocals, in order.
-PIECE_TASKS = (("transcribe", transcribe_task), ("text_emotion", text_emotion_task),
-               ("speech_emotion", speech_emotion_task), ("valence_arousal", valence_arousal_task),
-               ("wav2vec", wav2vec_task), ("action_units", action_units_task), ("describe", describe_task),
-               ("text_embedding", text_embedding_task), ("latents", latents_task))
+GROUP_TASKS = {"video": video_task, "audio": audio_task, "visual": visual_task}
 
 
 class _DropWorkerThreadTimeoutWarning(logging.Filter):
@@ -198,76 +139,100 @@ class _DropWorkerThreadTimeoutWarning(logging.Filter):
 logging.getLogger("prefect.task_runs").addFilter(_DropWorkerThreadTimeoutWarning())
 
 
-def _first_failure(stage_futures: list[tuple[str, list[PrefectFuture]]], index: int) -> tuple[str, BaseException | str]:
-    """The first stage whose task failed for item ``index`` (later ones never ran), and its exception."""
-    for stage, futures in stage_futures:
-        futures[index].wait()
-        state = futures[index].state
-        if state.is_failed() or state.is_crashed():
-            return stage, state.result(raise_on_failure=False)
-    return stage_futures[-1][0], "the task did not finish"
-
-
-def _failure_rejection(stage_futures: list[tuple[str, list[PrefectFuture]]], index: int) -> Rejection:
-    """A clip whose task failed (ran past ``limits.task_timeout_s``, or crashed outside the stage's own error
-    handling) is rejected; an environment failure is re-raised and stops the run."""
-    stage, error = _first_failure(stage_futures, index)
-    if isinstance(error, BaseException) and is_environment_error(error):
+def _failed_group(group: str, partition: Partition, pieces: list[PieceOutcome] | None,
+                  error: BaseException) -> list[PieceOutcome]:
+    """A group task that failed outside the stages' own error handling (they turn a clip's crash into its
+    rejection): its clips are rejected ``error`` at that group (``timeout`` past a time limit); an environment
+    failure is re-raised and stops the run."""
+    if is_environment_error(error):
         raise error
-    reason = "timeout" if isinstance(error, TimeoutError) else "error"
-    return Rejection(stage, reason, f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error)
+    rejection = Rejection(group, "timeout" if isinstance(error, TimeoutError) else "error",
+                          f"{type(error).__name__}: {error}"[:500])
+    if pieces is None:  # the video group: no piece yet, one row per candidate
+        return [PieceOutcome(clip_id=candidate.candidate_id, job=ClipJob(candidate=candidate, rejection=rejection),
+                             rejection=rejection) for candidate in partition.candidates]
+    return [replace(piece, rejection=rejection) if piece.kept else piece for piece in pieces]
 
 
-@flow(name="process-clips", task_runner=ThreadPoolTaskRunner(max_workers=2))
-def process_clips(candidates: list[Candidate], settings: PreprocessSettings, out_dir: str) -> list[PieceOutcome]:
-    limit = {"timeout_seconds": settings.limits.task_timeout_s}
-    args = (unmapped(settings), unmapped(out_dir))
-    jobs = start_task.with_options(**limit).map(candidates, unmapped(out_dir))
-    clip_stages = [("fingerprint", jobs)]
-    for stage, stage_task in (("probe", probe_task), ("locate", locate_task), ("standardise", standardise_task),
-                              ("faces", faces_task), ("pieces", select_task)):
-        jobs = stage_task.with_options(**limit).map(jobs, *args)
-        clip_stages.append((stage, jobs))
-    outcomes = []
-    for index, future in enumerate(jobs):
-        try:
-            outcomes += future.result()
-        except Exception:
-            outcomes.append(PieceOutcome(clip_id=candidates[index].candidate_id, job=ClipJob(candidate=candidates[index]),
-                                         rejection=_failure_rejection(clip_stages, index)))
-    kept = [outcome for outcome in outcomes if outcome.kept]
-    if not kept:
-        return outcomes
-    # the sync check runs first: it may reject a piece or shift its audio, which every audio stage then reads
-    pieces = sync_task.with_options(**limit).map(kept, *args)
-    piece_stages = [("sync", pieces)]
-    pieces = separate_task.with_options(**limit).map(pieces, *args)
-    piece_stages.append(("separate", pieces))
-    for stage, piece_task in PIECE_TASKS:
-        pieces = piece_task.with_options(**limit).map(pieces, *args)
-        piece_stages.append((stage, pieces))
-    finished = []
-    for index, future in enumerate(pieces):
-        try:
-            finished.append(future.result())
-        except Exception:
-            finished.append(replace(kept[index], rejection=_failure_rejection(piece_stages, index)))
-    return [outcome for outcome in outcomes if not outcome.kept] + finished
+class _Progress:
+    """One progress artifact per stage group: the share of this run's partitions through it."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, Counter()
+        self.ids = {group: create_progress_artifact(0.0, key=f"preprocess-{group}",
+                                                    description=f"partitions through the {group} stage group")
+                    for group in STAGE_GROUPS}
+
+    def advance(self, group: str) -> None:
+        self.done[group] += 1
+        update_progress_artifact(self.ids[group], 100.0 * self.done[group] / self.total,
+                                 description=f"{group}: {self.done[group]} of {self.total} partitions")
 
 
-def _check_failure_shares(outcomes: list[PieceOutcome], settings: PreprocessSettings) -> None:
+@flow(name="process-partitions")
+def process_partitions(todo: list[tuple[Partition, str]], settings: PreprocessSettings,
+                       out_dir: str) -> list[dict[str, Any]]:
+    """Every partition of ``todo`` (with its key) through video -> audio -> visual -> write, returning the written
+    partitions' markers. A task is submitted when its partition's previous group finishes and a slot is free:
+    ``workers`` CPU slots, ``partitions.gpu_slots`` GPU slots; a later group goes before an earlier one."""
+    cpu_slots = engine_workers(settings.engine, settings.workers)
+    gpu_slots = settings.partitions.gpu_slots
+    progress = _Progress(len(todo))
+    ready: list[tuple[int, str, int, list[PieceOutcome] | None]] = [(0, "video", number, None)
+                                                                    for number in range(len(todo))]
+    running: dict[PrefectFuture, tuple[str, int, list[PieceOutcome] | None]] = {}
+    records: dict[int, dict[str, Any]] = {}
+    while ready or running:
+        ready.sort(key=lambda item: (-item[0], item[2]))  # later groups first, then partition order
+        for item in list(ready):
+            _, group, number, pieces = item
+            busy = sum(1 for running_group, _, _ in running.values() if (running_group in GPU_GROUPS)
+                       == (group in GPU_GROUPS))
+            if busy >= (gpu_slots if group in GPU_GROUPS else cpu_slots):
+                continue
+            partition, key = todo[number]
+            options = {"task_run_name": f"{group}-{partition.name}"}
+            if group == "video":
+                future = video_task.with_options(**options).submit(partition, settings, out_dir)
+            elif group == "write":
+                future = write_task.with_options(**options).submit(partition, key, pieces, settings, out_dir)
+            else:
+                with gpu_resources(settings.engine):
+                    future = GROUP_TASKS[group].with_options(**options).submit(pieces, settings, out_dir)
+            running[future] = (group, number, pieces)
+            ready.remove(item)
+        finished = next(as_completed(list(running)))
+        group, number, pieces = running.pop(finished)
+        finished.wait()  # the final state, not the server's view of it (which may lag behind)
+        state = finished.state
+        if state.is_completed():
+            result = finished.result()
+        elif group == "write":
+            raise state.result(raise_on_failure=False)
+        else:
+            result = _failed_group(group, todo[number][0], pieces, state.result(raise_on_failure=False))
+        progress.advance(group)
+        if group == "write":
+            records[number] = result
+        else:
+            following = STAGE_GROUPS.index(group) + 1
+            ready.append((following, STAGE_GROUPS[following], number, result))
+    return [records[number] for number in range(len(todo))]
+
+
+def _check_failure_shares(records: list[dict[str, Any]], settings: PreprocessSettings) -> None:
     """Fail the run when a stage failed on more than ``limits.max_error_fraction`` of the clips it ran on."""
-    attempts, examples = [], {}
-    for outcome in outcomes:
-        candidate_id = outcome.job.candidate.candidate_id
-        attempts += [(timing.stage, candidate_id, False) for timing in outcome.job.timings]
-        attempts += [(timing.stage, outcome.clip_id, False) for timing in outcome.timings]
-        rejection = outcome.rejection
-        if rejection is not None and rejection.reason in FAILURE_REASONS:
-            item = outcome.clip_id if rejection.stage in PIECE_STAGES else candidate_id
-            attempts.append((rejection.stage, item, True))
-            examples.setdefault(rejection.stage, f"{outcome.clip_id}: {rejection.reason}: {rejection.detail}"[:300])
-    check_failure_shares(stage_failure_shares(attempts), settings.limits.max_error_fraction, examples)
+    shares: dict[str, list[int]] = {}
+    examples: dict[str, str] = {}
+    for record in records:
+        for stage, (failed, attempted) in record["failures"].items():
+            total = shares.setdefault(stage, [0, 0])
+            total[0] += failed
+            total[1] += attempted
+        for stage, example in record["failure_examples"].items():
+            examples.setdefault(stage, example)
+    check_failure_shares({stage: tuple(counts) for stage, counts in shares.items()},
+                         settings.limits.max_error_fraction, examples)
 
 
 def _published_shards(out: Path) -> list[str]:
@@ -279,16 +244,19 @@ def _published_shards(out: Path) -> list[str]:
                   if (match := SHARD_NAME_PATTERN.fullmatch(path.name)) and match.group(2) == "tar")
 
 
-def _refuse_empty_publish(outcomes: list[PieceOutcome], out: Path) -> None:
+def _refuse_empty_publish(records: list[dict[str, Any]], out: Path) -> None:
     """A run that keeps nothing is almost always misconfigured (a wrong filter, raw_dir or model): it must not
     replace a published dataset with an empty one unless asked to (``replace_with_empty``)."""
     published = _published_shards(out)
-    if any(outcome.kept for outcome in outcomes) or not published:
+    if any(record["n_kept"] for record in records) or not published:
         return
-    reasons = Counter(outcome.rejection.reason for outcome in outcomes if outcome.rejection)
+    reasons = Counter()
+    for record in records:
+        reasons.update(record["reasons"])
     found = ", ".join(f"{reason} {count}" for reason, count in reasons.most_common(8)) or "no rejections"
+    n_clips = sum(record["n_clips"] for record in records)
     raise RunFailed(
-        f"this run kept 0 of {len(outcomes)} clips (rejected: {found}); the {len(published)} published shards in "
+        f"this run kept 0 of {n_clips} clips (rejected: {found}); the {len(published)} published shards in "
         f"{out / SHARDS_DIR}, the tables and summary.json were left untouched. Check the settings and raw_dir "
         f"(a filter override can reject everything); to publish an empty dataset over them anyway, rerun with "
         f"replace_with_empty=true (prefect: -p replace_with_empty=true)")
@@ -346,20 +314,42 @@ def preprocess(
                     len(candidates), raw_dir, dataset, len(issues), out)
         if tiny_model_stages(settings):
             logger.warning(TINY_MODELS_WARNING + " (stages: %s)", ", ".join(tiny_model_stages(settings)))
-        loaded = load_models_task.with_options(timeout_seconds=settings.limits.task_timeout_s)(settings)
-        logger.info("models loaded:\n  %s", "\n  ".join(loaded))
-        removed = Workspace(out).cache.remove_leftovers()
-        if removed:
-            logger.info("removed %d unfinished work directories left by an interrupted run", removed)
-
-        runner = ThreadPoolTaskRunner(max_workers=settings.workers)
-        outcomes = process_clips.with_options(task_runner=runner)(candidates, settings, str(out))
-        _check_failure_shares(outcomes, settings)
+        partitions = plan_partitions(candidates, settings)
+        workspace = Workspace(out)
+        keyed = [(partition, partition_key(partition, settings)) for partition in partitions]
+        finished = {key: record for _, key in keyed if (record := finished_record(workspace, key)) is not None}
+        todo = [(partition, key) for partition, key in keyed if key not in finished]
+        logger.info("%d partitions (at most %d candidates or %.0f s each): %d finished by an earlier run, %d to do",
+                    len(partitions), settings.partitions.max_clips, settings.partitions.max_seconds,
+                    len(finished), len(todo))
+        written = {}
+        if todo:
+            # every model the unfinished partitions need, before any clip: a broken setup fails once, naming them all
+            loaded = load_models_task.with_options(timeout_seconds=settings.limits.task_timeout_s)(settings)
+            logger.info("models loaded:\n  %s", "\n  ".join(loaded))
+            removed = workspace.cache.remove_leftovers()
+            if removed:
+                logger.info("removed %d unfinished work directories left by an interrupted run", removed)
+            ensure_gpu_limit(settings.partitions.gpu_limit_name, settings.partitions.gpu_slots)
+            cpu_slots = engine_workers(settings.engine, settings.workers)
+            # threads: the pool holds the CPU and the GPU slots, so a model group never waits behind video work
+            runner = (ThreadPoolTaskRunner(max_workers=cpu_slots + settings.partitions.gpu_slots)
+                      if settings.engine.kind == "threads" else build_task_runner(settings.engine, settings.workers))
+            records = process_partitions.with_options(task_runner=runner)(todo, settings, str(out))
+            written = {record["key"]: record for record in records}
+        records = [finished.get(key) or written[key] for _, key in keyed]
+        _check_failure_shares(records, settings)
         if not replace_with_empty:
-            _refuse_empty_publish(outcomes, out)
-        # Everything above fails without touching a published file; from here on publish_outputs marks the
+            _refuse_empty_publish(records, out)
+        # Everything above fails without touching a published file; from here on publish_partitions marks the
         # out_dir as being published until summary.json, written last, commits it.
-        summary, record = publish_outputs(outcomes, issues, settings, out, run_id=str(flow_run.id),
-                                          extra={"dataset": dataset, "profile": profile})
+        summary, record = publish_partitions([(partition_dir(workspace, key), partition_record)
+                                              for (_, key), partition_record in zip(keyed, records, strict=True)],
+                                             issues, settings, out, run_id=str(flow_run.id),
+                                             extra={"dataset": dataset, "profile": profile,
+                                                    "n_partitions_reused": len(finished)})
+        removed = remove_stale_partitions(workspace, {key for _, key in keyed})
+        if removed:
+            logger.info("removed %d partition directories of earlier runs that this run no longer uses", removed)
     logger.info("summary\n%s", summary.as_text())
     return record

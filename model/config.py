@@ -51,6 +51,13 @@ class DataShapes:
         return self.sample_rate // self.fps
 
     @property
+    def wav2vec_hidden_states(self) -> tuple[int, ...]:
+        """The wav2vec 2.0 hidden states the model reads, by index (0: the CNN encoder's projected features,
+        i: transformer layer i): all ``wav2vec_layers`` of them, as its own audio encoder stacks them
+        (``model.train.audio_features``). Shards must store exactly these (their json's audio.wav2vec.layers)."""
+        return tuple(range(self.wav2vec_layers))
+
+    @property
     def va_window_frames(self) -> int:
         return round(self.va_window_s * self.fps)
 
@@ -178,7 +185,7 @@ def full_config() -> ModelConfig:
 
 
 def tiny_config() -> ModelConfig:
-    # The feature sizes are those of the preprocessing's tiny profile (synchrorama/tiny_models.py: 32-wide
+    # The feature sizes are those of the preprocessing's tiny profile (tiny_models/build.py: 32-wide
     # models, wav2vec with 2 layers + projection, SD-layout text encoder with 77 tokens), so the tiny model trains
     # on what `preprocess(..., profile="tiny")` writes without recomputing anything.
     data = DataShapes(

@@ -757,7 +757,8 @@ def _train(cfg: TrainConfig, held: contextlib.ExitStack) -> TrainResult:
 
     # Data: this rank's share of the shards; a resumed worker skips what it had consumed.
     spec = WindowSpec(cfg.stage, model_cfg.clip_frames, model_cfg.motion_frames, model_cfg.data.image_size,
-                      cfg.prefer_cached, model_cfg.data.latent_size, cfg.min_reference_distance)
+                      cfg.prefer_cached, model_cfg.data.latent_size, cfg.min_reference_distance,
+                      wav2vec_layers=model_cfg.data.wav2vec_hidden_states)
     workers = max(1, cfg.num_workers)
     consumed = {int(w): p for w, p in positions.get("workers", {}).items()}
     batches_seen = positions.get("batches", 0)

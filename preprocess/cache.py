@@ -138,6 +138,18 @@ class StageCache:
         shutil.rmtree(doomed, ignore_errors=True)
         return None
 
+    def remove(self, stage: str, key: str) -> bool:
+        """Delete an entry on purpose (its files now live elsewhere, e.g. in a shard); returns whether one was there.
+        The stage recomputes it under the same key if a later run needs it."""
+        entry = self.entry_dir(stage, key)
+        doomed = entry.parent / _temp_name(entry.name)
+        try:
+            os.rename(entry, doomed)  # renamed first, as in _discard: a half-removed tree is never an entry
+        except OSError:
+            return False
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
+
     def run(self, stage: str, key: str, compute: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
         """Return ``(result, was_cached)``. ``compute(tmp_dir)`` writes its files into ``tmp_dir`` and returns
         a JSON-able dict (file references relative to the entry directory). Its wall time is stored as
@@ -165,6 +177,47 @@ class StageCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return result, False
+
+    def run_many(self, stage: str, keys: list[str],
+                 compute_many: Callable[[list[str], list[Path]], list[dict[str, Any]]],
+                 ) -> list[tuple[dict[str, Any], bool]]:
+        """``run`` for several keys whose outputs one call computes together (a batch across pieces).
+
+        The keys without a usable entry are computed by one ``compute_many(missing_keys, tmp_dirs)`` (a
+        temporary directory per missing key; it returns one result per key, in order); each entry is then stored exactly as
+        ``run`` stores it (``_files`` listed, renamed into place whole), with the batch's wall time shared out
+        evenly as its ``seconds``. A key listed twice is computed once. If ``compute_many`` raises, nothing of the
+        batch is stored and the exception propagates (the caller may retry the keys one by one). Returns
+        ``(result, was_cached)`` per key, in order."""
+        found = {key: self.load(stage, key) for key in dict.fromkeys(keys)}
+        missing = [key for key, stored in found.items() if stored is None]
+        fresh: dict[str, dict[str, Any]] = {}
+        if missing:
+            tmps = []
+            try:
+                for key in missing:
+                    tmp = self.entry_dir(stage, key).parent / _temp_name(key)
+                    tmp.mkdir(parents=True)
+                    tmps.append(tmp)
+                started = time.perf_counter()
+                results = compute_many(list(missing), list(tmps))
+                if len(results) != len(missing):
+                    raise RuntimeError(f"stage {stage}: {len(results)} results for {len(missing)} entries")
+                seconds = round((time.perf_counter() - started) / len(missing), 4)
+                for key, tmp, result in zip(missing, tmps, results, strict=True):
+                    result = {**result, "seconds": seconds}
+                    write_json_atomic(tmp / RESULT_FILE, {**result, FILES_KEY: _entry_files(tmp)})
+                    try:
+                        os.rename(tmp, self.entry_dir(stage, key))
+                        fresh[key] = result
+                    except OSError:  # another worker finished the same key first; its output is equivalent
+                        shutil.rmtree(tmp, ignore_errors=True)
+                        found[key] = self.load(stage, key) or result
+            except BaseException:
+                for tmp in tmps:
+                    shutil.rmtree(tmp, ignore_errors=True)  # entries already renamed into place are whole: kept
+                raise
+        return [(fresh[key], False) if key in fresh else (found[key], True) for key in keys]
 
     def remove_leftovers(self) -> int:
         """Delete temporary directories left by dead runs; returns how many were removed.

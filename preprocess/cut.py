@@ -9,6 +9,7 @@ failure of this stage is a verdict on the source.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -27,10 +28,10 @@ def cut_piece(
 ) -> dict:
     start, end = frames
     if (start, end) == (0, n_frames):
-        shutil.copyfile(clip_dir / VIDEO_FILE, out_dir / VIDEO_FILE)
-        shutil.copyfile(clip_dir / AUDIO_FILE, out_dir / AUDIO_FILE)
-        shutil.copyfile(faces_dir / LANDMARKS_FILE, out_dir / LANDMARKS_FILE)
-        shutil.copyfile(faces_dir / POSE_FILE, out_dir / POSE_FILE)
+        # the whole clip: the same bytes, linked rather than copied (cache entries are never changed in place)
+        for source, name in ((clip_dir, VIDEO_FILE), (clip_dir, AUDIO_FILE), (faces_dir, LANDMARKS_FILE),
+                             (faces_dir, POSE_FILE)):
+            _link_or_copy(source / name, out_dir / name)
         return {"n_frames": n_frames}
     run_ffmpeg([
         "-i", clip_dir / VIDEO_FILE, "-vf", f"trim=start_frame={start}:end_frame={end},setpts=PTS-STARTPTS",
@@ -49,3 +50,11 @@ def cut_piece(
     np.save(out_dir / LANDMARKS_FILE, np.load(faces_dir / LANDMARKS_FILE)[start:end])
     np.save(out_dir / POSE_FILE, np.load(faces_dir / POSE_FILE)[start:end])
     return {"n_frames": end - start}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no byte stored twice), or a copy where the file system refuses one."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

@@ -7,7 +7,8 @@ The paper uses VideoLLaMA2. Two backends:
   sampled frames go in as a list of images, in both installs: transformers' *video* processors need
   torchvision, which the CPU install must not have, so there the processor is built without its video
   processor (``load_captioning_processor``); with torchvision (a GPU install) it is the plain ``AutoProcessor``.
-  Greedy decoding, so a description is reproducible.
+  Greedy decoding, so a description is reproducible. Clips are described in batches of
+  ``models.captioning.batch_size`` (``describe_many``; a description does not depend on its batch-mates).
 - ``VideoLLaMA2DeploymentCaptioner`` (``preprocess.describe_videollama2``): the paper's model, which pins an
   old torch/transformers, runs in its own environment as a Prefect deployment (``flows/videollama2_service.py``)
   that reads the clip file itself; it has ``describe_video(path, prompt, max_new_tokens)`` instead of frames.
@@ -24,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
+from preprocess.batching import run_fixed_shape_batches
 from preprocess.media import count_video_frames, iter_rgb_frames
 
 DEFAULT_PROMPT = (
@@ -111,7 +113,7 @@ class TransformersCaptioner:
             raise FileNotFoundError(
                 f"captioning model {model_path!r} not found locally (no hub access here): download it with "
                 f"`hf download {model_path}` on a connected machine and point the config at that folder, or "
-                f"use the tiny profile (`python -m synchrorama.tiny_models`)") from error
+                f"use the tiny profile (`python -m tiny_models`)") from error
         self.model.to(device).eval()
         self.device, self.max_new_tokens, self.name = device, max_new_tokens, str(model_path)
 
@@ -122,15 +124,33 @@ class TransformersCaptioner:
         image_token = getattr(self.processor, "image_token", "<image>")
         return f"USER: {image_token * n_images}\n{prompt} ASSISTANT:"
 
-    def describe(self, frames: list[np.ndarray], prompt: str, max_new_tokens: int | None = None) -> str:
+    def describe(self, frames: list[np.ndarray], prompt: str, max_new_tokens: int | None = None,
+                 batch_size: int = 1) -> str:
+        return self.describe_many([frames], prompt, max_new_tokens, batch_size)[0]
+
+    def describe_many(self, clips: list[list[np.ndarray]], prompt: str, max_new_tokens: int | None = None,
+                      batch_size: int = 1) -> list[str]:
+        """One description per clip (its sampled frames), the same prompt for all: clips with the same number
+        and size of frames have prompts of the same token count, so they batch without padding, in batches of
+        exactly ``batch_size`` clips (a short batch filled with copies, ``preprocess.batching``); a clip's
+        description does not depend on the others. A clip that finishes early is padded after its end of
+        sequence while the others go on, and the padding is dropped when decoding."""
         import torch
 
-        inputs = self.processor(images=frames, text=self._prompt_text(len(frames), prompt), return_tensors="pt")
-        inputs = inputs.to(self.device)
-        if "pixel_values" in inputs:  # the processor returns float32 pixels; a bf16/fp16 model wants its own dtype
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        with torch.inference_mode():
-            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens or self.max_new_tokens,
-                                         do_sample=False)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        return self.processor.batch_decode(new_tokens, skip_special_tokens=True)[0].strip()
+        def forward(rows: list[list[np.ndarray]]) -> list[str]:
+            texts = [self._prompt_text(len(frames), prompt) for frames in rows]
+            inputs = self.processor(images=[frame for frames in rows for frame in frames], text=texts,
+                                    return_tensors="pt", padding=True)
+            if "attention_mask" in inputs and not bool(inputs["attention_mask"].all()):
+                raise RuntimeError("captioning prompts of one batch differ in length: clips were grouped wrongly")
+            inputs = inputs.to(self.device)
+            if "pixel_values" in inputs:  # the processor returns float32 pixels; a bf16/fp16 model wants its dtype
+                inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            with torch.inference_mode():
+                output = self.model.generate(**inputs, max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                             do_sample=False)
+            new_tokens = output[:, inputs["input_ids"].shape[1]:]
+            return [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+        shapes = [(len(frames), *(frames[0].shape if frames else ())) for frames in clips]
+        return run_fixed_shape_batches(clips, shapes, batch_size, forward)

@@ -3,10 +3,16 @@
 Every frame goes through MediaPipe's face mesh in video mode (478 landmarks with irises); frames without a
 face get NaN rows, so arrays always have one row per video frame. Pose comes from the landmarks
 (``preprocess.head_pose``).
+
+The mesh runs on the frames of standardise's own decode (:class:`FaceMeshTracker` is handed each 512x512 frame
+as it goes to the encoder, ``preprocess.standardise``), not on a second decode of ``clip.mp4``: frame ``f`` of the
+arrays is frame ``f`` of the clip, seen before x264's (CRF 18) compression. :func:`track_faces` runs the same
+tracker over a decode of a finished clip (tests compare the two).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,28 +36,61 @@ class FaceTrack:
     n_landmarks: int
 
 
+class FaceMeshTracker:
+    """The face mesh of one clip, fed its frames in order: :meth:`add` gives each frame's (n_landmarks, 3)
+    float32 normalised landmarks (NaN rows without a face), :meth:`save` writes the clip's arrays. One tracker
+    per clip (video mode carries the face from frame to frame); :meth:`close` frees the MediaPipe graph."""
+
+    def __init__(self, settings: FaceSettings) -> None:
+        self.n_landmarks = 478 if settings.refine_landmarks else 468
+        self._missing = np.full((self.n_landmarks, 3), np.nan, np.float32)
+        self._rows: list[np.ndarray] = []
+        self._face_mesh = new_face_mesh(
+            video_mode=True, refine_landmarks=settings.refine_landmarks,
+            min_detection_confidence=settings.min_detection_confidence,
+            min_tracking_confidence=settings.min_tracking_confidence,
+        )
+
+    def add(self, frame_rgb: np.ndarray) -> np.ndarray:
+        landmarks = mesh_landmarks(self._face_mesh, frame_rgb)
+        row = landmarks if landmarks is not None else self._missing
+        self._rows.append(row)
+        return row
+
+    @property
+    def n_frames(self) -> int:
+        return len(self._rows)
+
+    def save(self, out_dir: Path) -> FaceTrack | Rejection:
+        """``landmarks.npy`` (n_frames, n_landmarks, 3) float16 and ``pose.npy`` (n_frames, 3) float32."""
+        if not self._rows:
+            return Rejection("faces", "no_frames", "the standardised clip has no frames")
+        landmarks = np.stack(self._rows)
+        np.save(out_dir / LANDMARKS_FILE, landmarks.astype(np.float16))
+        np.save(out_dir / POSE_FILE, head_pose_from_landmarks(landmarks).astype(np.float32))
+        return FaceTrack(LANDMARKS_FILE, POSE_FILE, len(self._rows), self.n_landmarks)
+
+    def close(self) -> None:
+        self._face_mesh.close()
+
+
+def track_frames(frames: Iterable[np.ndarray], settings: FaceSettings, out_dir: Path) -> FaceTrack | Rejection:
+    """The face track of RGB ``frames`` (a clip's, in order), saved in ``out_dir``."""
+    tracker = FaceMeshTracker(settings)
+    try:
+        for frame in frames:
+            tracker.add(frame)
+    finally:
+        tracker.close()
+    return tracker.save(out_dir)
+
+
 def track_faces(
     video: Path, size: int, settings: FaceSettings, out_dir: Path, limits: MediaTimeouts | None = None
 ) -> FaceTrack | Rejection:
-    n_landmarks = 478 if settings.refine_landmarks else 468
-    rows = []
-    face_mesh = new_face_mesh(
-        video_mode=True, refine_landmarks=settings.refine_landmarks,
-        min_detection_confidence=settings.min_detection_confidence,
-        min_tracking_confidence=settings.min_tracking_confidence,
-    )
+    """The face track of a finished ``size`` square clip, decoded again (the pipeline tracks standardise's own
+    frames instead; see the module docstring)."""
     try:
-        for frame in iter_rgb_frames(video, width=size, height=size, limits=limits):
-            landmarks = mesh_landmarks(face_mesh, frame)
-            rows.append(landmarks if landmarks is not None else np.full((n_landmarks, 3), np.nan, np.float32))
+        return track_frames(iter_rgb_frames(video, width=size, height=size, limits=limits), settings, out_dir)
     except FfmpegError as error:  # a verdict on the input only: a timeout, a kill or a full disk propagates
         return Rejection("faces", "undecodable", str(error))
-    finally:
-        face_mesh.close()
-    if not rows:
-        return Rejection("faces", "no_frames", "the standardised clip has no frames")
-    landmarks = np.stack(rows)
-    pose = head_pose_from_landmarks(landmarks)
-    np.save(out_dir / LANDMARKS_FILE, landmarks.astype(np.float16))
-    np.save(out_dir / POSE_FILE, pose.astype(np.float32))
-    return FaceTrack(LANDMARKS_FILE, POSE_FILE, len(rows), n_landmarks)

@@ -7,7 +7,9 @@ SD 1.5 checkpoint. Frames are (H, W, 3) uint8 RGB at 25 fps, 512x512 in our clip
 SD 1.5), the scale the UNet works at.
 
 The posterior *mean* is stored, not a sample: a cached latent must be the same every time the stage runs (and
-the trainer, which VAE-encodes uncached clips, uses the mean too).
+the trainer, which VAE-encodes uncached clips, uses the mean too). Frames go through the VAE in batches of
+exactly ``batch_size`` (``models.vae.batch_size``) that run across the pieces of a partition
+(``encode_videos``); a frame's latent is the same whichever frames shared its batch (``preprocess.batching``).
 """
 
 from __future__ import annotations
@@ -45,21 +47,32 @@ class FrameLatentEncoder:
     def encode_video(self, video: Path, *, size: int = 512) -> np.ndarray:
         """Every frame of ``video``, decoded at ``size`` x ``size`` (a multiple of 8): (T, 4, size/8, size/8)
         float16 scaled latents (posterior mean x scaling_factor)."""
+        return self.encode_videos([video], size=size)[0]
+
+    def encode_videos(self, videos: list[Path], *, size: int = 512) -> list[np.ndarray]:
+        """``encode_video`` of each video, their frames streamed through the VAE in batches of exactly
+        ``batch_size`` frames that run across video boundaries (the last one filled with copies of its last
+        frame, ``preprocess.batching``): a frame's latent does not depend on which frames shared its batch, so
+        each video's latents are those it gets alone. Decodes one batch of frames ahead, never a whole video."""
         import torch
 
         if size % DOWNSAMPLING:
             raise ValueError(f"frame size must be a multiple of {DOWNSAMPLING}, got {size}")
-        chunks = []
+        chunks: list[list[np.ndarray]] = [[] for _ in videos]
+        frames = ((index, frame) for index, video in enumerate(videos)
+                  for frame in iter_rgb_frames(Path(video), width=size, height=size))
         with torch.inference_mode():
-            for frames in _batches(iter_rgb_frames(Path(video), width=size, height=size), self.batch_size):
-                pixels = torch.from_numpy(np.stack(frames)).to(self.device).permute(0, 3, 1, 2)
+            for batch in _batches(frames, self.batch_size):
+                rows = [frame for _, frame in batch]
+                rows += [rows[-1]] * (self.batch_size - len(rows))
+                pixels = torch.from_numpy(np.stack(rows)).to(self.device).permute(0, 3, 1, 2)
                 pixels = pixels.to(self.dtype) / 127.5 - 1.0  # uint8 -> [-1, 1]
                 mean = self.vae.encode(pixels).latent_dist.mean
-                chunks.append((mean.float() * self.scaling_factor).cpu().numpy().astype(np.float16))
-        if not chunks:
-            return np.zeros((0, self.vae.config.latent_channels, size // DOWNSAMPLING, size // DOWNSAMPLING),
-                            np.float16)
-        return np.concatenate(chunks)
+                latents = (mean.float() * self.scaling_factor).cpu().numpy().astype(np.float16)
+                for (index, _), latent in zip(batch, latents, strict=False):  # the filler rows are dropped
+                    chunks[index].append(latent)
+        empty = (0, self.vae.config.latent_channels, size // DOWNSAMPLING, size // DOWNSAMPLING)
+        return [np.stack(chunk) if chunk else np.zeros(empty, np.float16) for chunk in chunks]
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """(T, 4, h, w) scaled latents -> (T, 8h, 8w, 3) uint8 RGB frames."""

@@ -351,8 +351,18 @@ def media_duration_s(path: Path, *, limits: MediaTimeouts | None = None) -> floa
         raise FfmpegError(f"reading the duration of {path}: ffprobe states none ({result.stdout[:200]!r})") from error
 
 
+@dataclass
+class StreamLog:
+    """What a streamed tool logged, filled in by :func:`stream_stdout` once the tool has exited (``log=``):
+    ``lines`` counts its stderr lines like ``ToolRun.log_lines`` (with ``-v error``: the errors it logged)."""
+
+    lines: int = 0
+    first_line: str = ""
+    text: str = ""
+
+
 def stream_stdout(
-    command: Sequence[object], *, chunk_bytes: int, purpose: str, timeout_s: float
+    command: Sequence[object], *, chunk_bytes: int, purpose: str, timeout_s: float, log: StreamLog | None = None
 ) -> Iterator[np.ndarray]:
     """Run ``command`` and yield its stdout in chunks of exactly ``chunk_bytes`` (uint8 arrays of that length;
     a shorter last piece is dropped), raising :class:`FfmpegError` if it exits non-zero.
@@ -361,10 +371,12 @@ def stream_stdout(
     consumer (a VAE on CPU, a face mesh) stalls the tool through the full pipe and must not trip the limit of
     the tool it stalls; a tool that delivers nothing for longer than the rest of its budget is killed. Closing
     the generator early (``break``, ``close()``, garbage collection) kills the tool: it never keeps running for
-    frames nobody reads.
+    frames nobody reads. ``log``, when given, receives the tool's log counts once it has exited (also when it
+    failed).
     """
     process, drain = _start(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     fd = process.stdout.fileno()
+    _enlarge_pipe(fd, chunk_bytes)
     spent = 0.0  # seconds spent waiting for the tool so far
     resumed = time.monotonic()
     finished = False
@@ -399,8 +411,22 @@ def stream_stdout(
         finished = True
     finally:
         _finish(process, drain)  # kills it when the consumer stopped early or an error left the loop
+        if log is not None:
+            log.lines, log.first_line, log.text = drain.n_lines, drain.first_line, drain.text()
     if finished:
         _judge(returncode, drain, command, purpose)
+
+
+def _enlarge_pipe(fd: int, chunk_bytes: int) -> None:
+    """Let the tool write up to two chunks (at most the kernel's 1 MiB default cap) ahead of its reader, so that
+    a consumer's per-frame work overlaps the tool's next frame; a pipe of the default 64 KiB holds less than one
+    512x512 RGB frame. Linux only; elsewhere, or past the cap, the pipe stays as it is."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(2 * chunk_bytes, 1 << 20))
+    except (ImportError, AttributeError, OSError):
+        pass
 
 
 @contextmanager

@@ -25,7 +25,10 @@ import functools
 import json
 import logging
 import math
+import os
+import shutil
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -38,10 +41,10 @@ from preprocess.crop import choose_crop
 from preprocess.cut import cut_piece
 from preprocess.describe import sample_frames_uniformly
 from preprocess.face_models import mediapipe_version
-from preprocess.faces import LANDMARKS_FILE, POSE_FILE, FaceTrack, track_faces
+from preprocess.faces import LANDMARKS_FILE, POSE_FILE, FaceMeshTracker, FaceTrack
 from preprocess.failures import EnvironmentFailure, is_environment_error
 from preprocess.filters import PieceStats, audio_padding_per_frame, judge_piece, piece_stats, plan_pieces
-from preprocess.frame_quality import FrameQuality, measure_frame_quality
+from preprocess.frame_quality import CONTENT_SCORES_FILE, SHARPNESS_FILE, FrameQuality, FrameQualityMeter
 from preprocess.locate import FaceSurvey, survey_faces
 from preprocess.media import iter_rgb_frames
 from preprocess.probe import probe_video
@@ -51,22 +54,22 @@ from preprocess.settings import ModelChoice, PreprocessSettings
 from preprocess.shots import find_cuts
 from preprocess.speech_activity import SPEECH_FLAGS_FILE, measure_speech_activity, silero_identity
 from preprocess.speech_emotion import classify_speech
-from preprocess.stage_models import is_tiny_reference, load_model, local_path
+from preprocess.stage_models import VIDEOLLAMA2_PREFIX, is_tiny_reference, load_model, local_path
 from preprocess.standardise import VIDEO_FILE, StandardisedClip, standardise_clip
 from preprocess.sync_check import REASON as OUT_OF_SYNC
 from preprocess.sync_check import check_sync
-from preprocess.text_emotion import score_transcript
+from preprocess.text_emotion import score_transcripts
 from preprocess.transcribe import transcribe_vocals
-from preprocess.valence_arousal import valence_arousal_windows
+from preprocess.valence_arousal import valence_arousal_tracks
 from preprocess.wav2vec_features import wav2vec_frames
 
 log = logging.getLogger(__name__)
 
-STAGE_VERSIONS = {"probe": 1, "locate": 2, "standardise": 3, "faces": 1, "speech_activity": 1, "frame_quality": 1, "pieces": 1,
+STAGE_VERSIONS = {"probe": 1, "locate": 2, "standardise": 4, "faces": 2, "speech_activity": 1, "frame_quality": 2, "pieces": 1,
                   "sync": 1,
                   "separate": 2,
-                  "transcribe": 1, "text_emotion": 1, "speech_emotion": 2, "valence_arousal": 1, "wav2vec": 2,
-                  "action_units": 1, "describe": 1, "text_embedding": 1, "latents": 1}
+                  "transcribe": 1, "text_emotion": 2, "speech_emotion": 2, "valence_arousal": 2, "wav2vec": 2,
+                  "action_units": 1, "describe": 1, "text_embedding": 2, "latents": 2}
 # The per-piece audio stages, in the order they run (also their stage_timings / clips-table names).
 AUDIO_STAGES = ("separate", "transcribe", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec")
 # The per-piece visual and semantic stages, in order; describe, text_embedding (needs describe) and latents
@@ -236,13 +239,27 @@ def run_standardise(job: ClipJob, settings: PreprocessSettings, workspace: Works
         # that the keys of every other clip stay as they were)
         audio_source = job.candidate.audio_source
         audio_key = [workspace.fingerprint(Path(audio_source))] if audio_source else []
+        # the face mesh and the frame-quality measures run on this stage's own decode (one decode, see
+        # preprocess.standardise): what they measure with is an input of this entry too
         key = stable_hash("standardise", STAGE_VERSIONS["standardise"], job.source_sha256, job.candidate.start_s,
-                          job.duration_s, box, settings.standardise.fingerprint(), *audio_key, *track_key)
+                          job.duration_s, box, settings.standardise.fingerprint(), *audio_key, *track_key,
+                          *_frame_analysis_identity(settings))
 
         def compute(out_dir: Path) -> dict:
-            return _encode(standardise_clip(job.candidate.source, job.candidate.start_s, job.duration_s, box,
-                                            settings.standardise, out_dir, limits=settings.media,
-                                            audio_source=audio_source, crop_track=track))
+            tracker = FaceMeshTracker(settings.faces)
+            meter = FrameQualityMeter(settings.standardise.fps, settings.filters.frame_quality)
+            try:
+                clip = standardise_clip(job.candidate.source, job.candidate.start_s, job.duration_s, box,
+                                        settings.standardise, out_dir, limits=settings.media,
+                                        audio_source=audio_source, crop_track=track,
+                                        frame_consumer=lambda frame: meter.add(frame, tracker.add(frame)))
+            finally:
+                tracker.close()
+            if isinstance(clip, Rejection):
+                return _encode(clip)
+            # run_faces and _frame_quality pick these up (light entries linking the arrays)
+            return {**_encode(clip), "faces": _encode(tracker.save(out_dir)),
+                    "frame_quality": _encode(meter.save(out_dir))}
 
         stored, cached = workspace.cache.run("standardise", key, compute)
         result = _decode(stored, StandardisedClip)
@@ -260,11 +277,11 @@ def run_faces(job: ClipJob, settings: PreprocessSettings, workspace: Workspace) 
     def body() -> ClipJob:
         key = stable_hash("faces", STAGE_VERSIONS["faces"], job.standardise_key, settings.faces.fingerprint(),
                           settings.models.face_mesh, mediapipe_version())
-        video = workspace.cache.entry_dir("standardise", job.standardise_key) / job.standardised.video
 
         def compute(out_dir: Path) -> dict:
-            return _encode(track_faces(video, job.standardised.size, settings.faces, out_dir,
-                                       limits=settings.media))
+            # the mesh ran on standardise's decode: this entry is the arrays linked from there
+            return _linked_frame_analysis(workspace, job.standardise_key, "faces", (LANDMARKS_FILE, POSE_FILE),
+                                          out_dir)
 
         stored, cached = workspace.cache.run("faces", key, compute)
         result = _decode(stored, FaceTrack)
@@ -287,7 +304,7 @@ def run_select(job: ClipJob, settings: PreprocessSettings, workspace: Workspace)
         padding = audio_padding_per_frame(job.standardised.n_frames, job.standardised.sample_rate // fps,
                                           job.standardised.audio_padded_samples)
         landmarks = np.load(workspace.cache.entry_dir("faces", job.faces_key) / LANDMARKS_FILE)
-        quality, job = _frame_quality(job, landmarks, settings, workspace)
+        quality, job = _frame_quality(job, settings, workspace)
         if isinstance(quality, Rejection):
             return [PieceOutcome(clip_id=job.candidate.candidate_id, job=job, rejection=quality)]
         content_scores, sharpness = quality
@@ -337,23 +354,45 @@ def _speech_activity(job: ClipJob, settings: PreprocessSettings, workspace: Work
     return flags, replace(job, timings=job.timings + (StageTiming("speech_activity", stored["seconds"], cached),))
 
 
-def _frame_quality(job: ClipJob, landmarks: np.ndarray, settings: PreprocessSettings, workspace: Workspace,
+def _frame_quality(job: ClipJob, settings: PreprocessSettings, workspace: Workspace,
                    ) -> tuple[tuple[np.ndarray, np.ndarray] | Rejection, ClipJob]:
-    """One decode of the standardised clip (cached stage ``frame_quality``): per-frame content scores (n_frames,)
-    for the shot cuts and face-crop sharpness (n_frames,), NaN where not sampled; and the job with its timing."""
+    """The picture-quality measures made on standardise's decode (cached stage ``frame_quality``, a light entry
+    linking them): per-frame content scores (n_frames,) for the shot cuts and face-crop sharpness (n_frames,),
+    NaN where not sampled; and the job with its timing."""
     chosen = settings.filters.frame_quality
     key = stable_hash("frame_quality", STAGE_VERSIONS["frame_quality"], job.standardise_key, job.faces_key,
                       chosen.fingerprint())
-    clip_dir = workspace.cache.entry_dir("standardise", job.standardise_key)
-    stored, cached = workspace.cache.run("frame_quality", key, lambda out_dir: _encode(measure_frame_quality(
-        clip_dir / job.standardised.video, job.standardised.size, job.standardised.fps,
-        landmarks.astype(np.float32), chosen, out_dir, limits=settings.media)))
+    stored, cached = workspace.cache.run("frame_quality", key, lambda out_dir: _linked_frame_analysis(
+        workspace, job.standardise_key, "frame_quality", (CONTENT_SCORES_FILE, SHARPNESS_FILE), out_dir))
     job = replace(job, timings=job.timings + (StageTiming("frame_quality", stored["seconds"], cached),))
     result = _decode(stored, FrameQuality)
     if isinstance(result, Rejection):
         return result, job
     out_dir = workspace.cache.entry_dir("frame_quality", key)
     return (np.load(out_dir / result.content_scores), np.load(out_dir / result.sharpness)), job
+
+
+def _frame_analysis_identity(settings: PreprocessSettings) -> list:
+    """What the face mesh and the frame-quality measures inside standardise's decode depend on."""
+    return [settings.faces.fingerprint(), settings.models.face_mesh, mediapipe_version(),
+            settings.filters.frame_quality.fingerprint()]
+
+
+def _linked_frame_analysis(workspace: Workspace, standardise_key: str, part: str, files: tuple[str, ...],
+                           out_dir: Path) -> dict:
+    """The ``part`` ("faces" or "frame_quality") result stored with the standardise entry, its ``files`` hard-linked
+    (copied where links are not possible) into ``out_dir``: the arrays are not stored twice."""
+    stored = workspace.cache.load("standardise", standardise_key)
+    if stored is None or part not in stored:  # removed under the run: an uncached error, the next run recomputes
+        raise RuntimeError(f"the standardise entry {standardise_key} holds no {part} result")
+    if stored[part]["kind"] == "ok":
+        clip_dir = workspace.cache.entry_dir("standardise", standardise_key)
+        for name in files:
+            try:
+                os.link(clip_dir / name, out_dir / name)
+            except OSError:
+                shutil.copyfile(clip_dir / name, out_dir / name)
+    return stored[part]
 
 
 def _cut(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
@@ -373,7 +412,7 @@ def _model_identity(choice: ModelChoice) -> str:
     """What a stage key knows of its model: the reference, revision, device and dtype; for a tiny model also
     the version of the tiny-model builder (they are rebuilt from code, not downloaded)."""
     if is_tiny_reference(choice.model):
-        from synchrorama.tiny_models import VERSION
+        from tiny_models import VERSION
 
         return f"{choice.fingerprint()}:tiny-v{VERSION}"
     return choice.fingerprint()
@@ -391,6 +430,12 @@ def _run_piece_stage(stage: str, outcome: PieceOutcome, workspace: Workspace, ke
         _raise_if_environmental(stage, outcome.clip_id, error)
         log.error("stage %s crashed on %s:\n%s", stage, outcome.clip_id, traceback.format_exc())
         return replace(outcome, rejection=Rejection(stage, "error", f"{type(error).__name__}: {error}"))
+    return _with_entry(stage, outcome, workspace, key, stored, cached)
+
+
+def _with_entry(stage: str, outcome: PieceOutcome, workspace: Workspace, key: str, stored: dict,
+                cached: bool) -> PieceOutcome:
+    """The piece with a stage's stored result in its features (plus ``key`` and ``dir``) and the stage's timing."""
     # the JSON round trip makes a fresh result look exactly like a cached one (tuples become lists)
     entry = {**json.loads(json.dumps(stored)), "key": key, "dir": str(workspace.cache.entry_dir(stage, key))}
     return replace(outcome, features={**outcome.features, stage: entry},
@@ -484,17 +529,22 @@ def run_transcribe(outcome: PieceOutcome, settings: PreprocessSettings, workspac
         _model_identity(choice)], compute)
 
 
-def run_text_emotion(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+def _text_emotion_key_parts(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> list:
+    return [outcome.features.get("transcribe", {}).get("key"), settings.audio.text_emotion.fingerprint(),
+            _model_identity(settings.models.text_emotion)]
+
+
+def _text_emotion_many(outcomes: list[PieceOutcome], settings: PreprocessSettings, out_dirs: list[Path]) -> list[dict]:
     choice = settings.models.text_emotion
+    transcripts = [(t["text"], t["language"], t["status"]) for t in (o.features["transcribe"] for o in outcomes)]
+    return [asdict(scored) for scored in score_transcripts(transcripts, load_model("text_emotion", choice),
+                                                           settings.audio.text_emotion, out_dirs, choice.batch_size)]
 
-    def compute(out_dir: Path) -> dict:
-        transcript = outcome.features["transcribe"]
-        return asdict(score_transcript(transcript["text"], transcript["language"], transcript["status"],
-                                       load_model("text_emotion", choice), settings.audio.text_emotion, out_dir))
 
-    return _run_piece_stage("text_emotion", outcome, workspace, [
-        outcome.features.get("transcribe", {}).get("key"), settings.audio.text_emotion.fingerprint(),
-        _model_identity(choice)], compute)
+def run_text_emotion(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    return _run_piece_stage("text_emotion", outcome, workspace,
+                            _text_emotion_key_parts(outcome, settings, workspace),
+                            lambda out_dir: _text_emotion_many([outcome], settings, [out_dir])[0])
 
 
 def run_speech_emotion(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
@@ -508,29 +558,38 @@ def run_speech_emotion(outcome: PieceOutcome, settings: PreprocessSettings, work
         outcome.features.get("separate", {}).get("key"), _model_identity(choice)], compute)
 
 
-def run_valence_arousal(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+def _valence_arousal_key_parts(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> list:
+    return [outcome.features.get("separate", {}).get("key"), settings.audio.valence_arousal.fingerprint(),
+            _model_identity(settings.models.valence_arousal)]
+
+
+def _valence_arousal_many(outcomes: list[PieceOutcome], settings: PreprocessSettings,
+                          out_dirs: list[Path]) -> list[dict]:
     choice = settings.models.valence_arousal
+    clips = [(_vocals(outcome), outcome.features["separate"]["has_speech"]) for outcome in outcomes]
+    return [asdict(track) for track in valence_arousal_tracks(clips, load_model("valence_arousal", choice),
+                                                              settings.audio.valence_arousal, choice.batch_size,
+                                                              out_dirs)]
 
-    def compute(out_dir: Path) -> dict:
-        return asdict(valence_arousal_windows(_vocals(outcome), outcome.features["separate"]["has_speech"],
-                                              load_model("valence_arousal", choice), settings.audio.valence_arousal,
-                                              choice.batch_size, out_dir))
 
-    return _run_piece_stage("valence_arousal", outcome, workspace, [
-        outcome.features.get("separate", {}).get("key"), settings.audio.valence_arousal.fingerprint(),
-        _model_identity(choice)], compute)
+def run_valence_arousal(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    return _run_piece_stage("valence_arousal", outcome, workspace,
+                            _valence_arousal_key_parts(outcome, settings, workspace),
+                            lambda out_dir: _valence_arousal_many([outcome], settings, [out_dir])[0])
 
 
 def run_wav2vec(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
-    choice = settings.models.wav2vec
+    choice, chosen = settings.models.wav2vec, settings.audio.wav2vec
 
     def compute(out_dir: Path) -> dict:
         n_frames = outcome.frames[1] - outcome.frames[0]
         return asdict(wav2vec_frames(_vocals(outcome), n_frames, settings.standardise.fps,
-                                     load_model("wav2vec", choice), out_dir))
+                                     load_model("wav2vec", choice), out_dir, layers=chosen.layers))
 
+    # keyed on the layer choice: a run that stores other layers must not reuse this file
     return _run_piece_stage("wav2vec", outcome, workspace, [
-        outcome.features.get("separate", {}).get("key"), settings.standardise.fps, _model_identity(choice)], compute)
+        outcome.features.get("separate", {}).get("key"), settings.standardise.fps, _model_identity(choice),
+        chosen.fingerprint()], compute)
 
 
 AUDIO_STAGE_FUNCTIONS = {
@@ -597,58 +656,82 @@ def run_action_units(outcome: PieceOutcome, settings: PreprocessSettings, worksp
                             compute)
 
 
-def run_describe(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+def _describe_key_parts(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> list:
+    return [outcome.content_key, settings.visual.description.fingerprint(),
+            _model_identity(settings.models.captioning)]
+
+
+def _describe_many(outcomes: list[PieceOutcome], settings: PreprocessSettings, out_dirs: list[Path]) -> list[dict]:
     chosen, choice = settings.visual.description, settings.models.captioning
-    if not chosen.enabled:
+    captioner = load_model("captioning", choice)
+    videos = [_piece_file(outcome, VIDEO_FILE) for outcome in outcomes]
+    if hasattr(captioner.model, "describe_video"):  # VideoLLaMA2's service reads each clip with its own sampler
+        described = [captioner.model.describe_video(video, chosen.prompt, chosen.max_new_tokens) for video in videos]
+        answers = [(d.text, d.n_frames, d.frame_size) for d in described]
+    else:
+        clips = [sample_frames_uniformly(video, chosen.n_frames, chosen.frame_size) for video in videos]
+        with captioner.lock:
+            texts = captioner.model.describe_many(clips, chosen.prompt, chosen.max_new_tokens, choice.batch_size)
+        answers = [(text, len(frames), chosen.frame_size) for text, frames in zip(texts, clips, strict=True)]
+    # An empty answer is recorded as such, never replaced by a made-up one.
+    return [{"text": text, "status": "ok" if text.strip() else "empty", "prompt": chosen.prompt,
+             "model": choice.model, "n_frames": n_frames, "frame_size": frame_size}
+            for text, n_frames, frame_size in answers]
+
+
+def run_describe(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
+    if not settings.visual.description.enabled:
         return outcome
+    return _run_piece_stage("describe", outcome, workspace, _describe_key_parts(outcome, settings, workspace),
+                            lambda out_dir: _describe_many([outcome], settings, [out_dir])[0])
 
-    def compute(_: Path) -> dict:
-        captioner = load_model("captioning", choice)
-        video = _piece_file(outcome, VIDEO_FILE)
-        if hasattr(captioner.model, "describe_video"):  # VideoLLaMA2's service reads the clip with its own sampler
-            described = captioner.model.describe_video(video, chosen.prompt, chosen.max_new_tokens)
-            text, n_frames, frame_size = described.text, described.n_frames, described.frame_size
-        else:
-            frames = sample_frames_uniformly(video, chosen.n_frames, chosen.frame_size)
-            with captioner.lock:
-                text = captioner.model.describe(frames, chosen.prompt, chosen.max_new_tokens)
-            n_frames, frame_size = len(frames), chosen.frame_size
-        # An empty answer is recorded as such, never replaced by a made-up one.
-        return {"text": text, "status": "ok" if text.strip() else "empty", "prompt": chosen.prompt,
-                "model": choice.model, "n_frames": n_frames, "frame_size": frame_size}
 
-    return _run_piece_stage("describe", outcome, workspace, [
-        outcome.content_key, chosen.fingerprint(), _model_identity(choice)], compute)
+def _text_embedding_key_parts(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> list:
+    return [outcome.features.get("describe", {}).get("key"), _model_identity(settings.models.text_encoder)]
+
+
+def _text_embedding_many(outcomes: list[PieceOutcome], settings: PreprocessSettings,
+                         out_dirs: list[Path]) -> list[dict]:
+    choice = settings.models.text_encoder
+    encoder = load_model("text_encoder", choice)
+    embeddings = encoder.model.encode([outcome.features["describe"]["text"] for outcome in outcomes],
+                                      choice.batch_size)
+    for embedding, out_dir in zip(embeddings, out_dirs, strict=True):
+        np.save(out_dir / CLIP_TEXT_FILE, embedding)
+    return [{"file": CLIP_TEXT_FILE, "shape": list(embedding.shape), "model": choice.model}
+            for embedding in embeddings]
 
 
 def run_text_embedding(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
-    choice = settings.models.text_encoder
     if "describe" not in outcome.features:
         return outcome
+    return _run_piece_stage("text_embedding", outcome, workspace,
+                            _text_embedding_key_parts(outcome, settings, workspace),
+                            lambda out_dir: _text_embedding_many([outcome], settings, [out_dir])[0])
 
-    def compute(out_dir: Path) -> dict:
-        encoder = load_model("text_encoder", choice)
-        embedding = encoder.model.encode([outcome.features["describe"]["text"]])[0]
-        np.save(out_dir / CLIP_TEXT_FILE, embedding)
-        return {"file": CLIP_TEXT_FILE, "shape": list(embedding.shape), "model": choice.model}
 
-    return _run_piece_stage("text_embedding", outcome, workspace, [
-        outcome.features.get("describe", {}).get("key"), _model_identity(choice)], compute)
+def _latents_key_parts(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> list:
+    return [outcome.content_key, _model_identity(settings.models.vae)]
+
+
+def _latents_many(outcomes: list[PieceOutcome], settings: PreprocessSettings, out_dirs: list[Path]) -> list[dict]:
+    choice = settings.models.vae
+    vae = load_model("vae", choice)
+    videos = [_piece_file(outcome, VIDEO_FILE) for outcome in outcomes]
+    results = []
+    for latents, out_dir in zip(vae.model.encode_videos(videos, size=settings.standardise.size), out_dirs,
+                                strict=True):
+        np.save(out_dir / LATENTS_FILE, latents)
+        results.append({"file": LATENTS_FILE, "shape": list(latents.shape), "model": choice.model,
+                        "scaling_factor": vae.model.scaling_factor})
+    return results
 
 
 def run_latents(outcome: PieceOutcome, settings: PreprocessSettings, workspace: Workspace) -> PieceOutcome:
-    choice = settings.models.vae
     if not settings.visual.latents.enabled:
         return outcome
-
-    def compute(out_dir: Path) -> dict:
-        vae = load_model("vae", choice)
-        latents = vae.model.encode_video(_piece_file(outcome, VIDEO_FILE), size=settings.standardise.size)
-        np.save(out_dir / LATENTS_FILE, latents)
-        return {"file": LATENTS_FILE, "shape": list(latents.shape), "model": choice.model,
-                "scaling_factor": vae.model.scaling_factor}
-
-    return _run_piece_stage("latents", outcome, workspace, [outcome.content_key, _model_identity(choice)], compute)
+    return _run_piece_stage("latents", outcome, workspace, _latents_key_parts(outcome, settings, workspace),
+                            lambda out_dir: _latents_many([outcome], settings, [out_dir])[0])
 
 
 def _encode(result) -> dict:
@@ -671,3 +754,99 @@ def _decode(stored: dict, cls):
             item = CropBox(**item)
         fields[name] = item
     return cls(**fields)
+
+
+# ---------------------------------------------------------------- a stage over many pieces (one partition)
+
+# Every per-piece stage by name, in the order the pieces go through them.
+PIECE_STAGE_FUNCTIONS = {"sync": run_sync, **AUDIO_STAGE_FUNCTIONS, "action_units": run_action_units,
+                         "describe": run_describe, "text_embedding": run_text_embedding, "latents": run_latents}
+
+
+@dataclass(frozen=True)
+class _BatchedStage:
+    """A per-piece stage that also computes many pieces in one call: its per-piece function's key parts and a
+    ``many(outcomes, settings, out_dirs) -> results`` that the per-piece function itself calls with one piece."""
+
+    key_parts: Callable[[PieceOutcome, PreprocessSettings, Workspace], list]
+    many: Callable[[list[PieceOutcome], PreprocessSettings, list[Path]], list[dict]]
+
+
+# The stages batched across pieces: their outputs do not depend on batch-mates (preprocess.batching). Not here: the
+# sync check, separation, transcription, wav2vec and action units (whole clips of differing lengths, or no model);
+# speech emotion, whose input is the whole clip: its length is rarely shared, and a fixed batch shape for it
+# would cost batch_size forward passes of a whole clip per piece.
+_BATCHED_STAGES = {
+    "text_emotion": _BatchedStage(_text_emotion_key_parts, _text_emotion_many),
+    "valence_arousal": _BatchedStage(_valence_arousal_key_parts, _valence_arousal_many),
+    "describe": _BatchedStage(_describe_key_parts, _describe_many),
+    "text_embedding": _BatchedStage(_text_embedding_key_parts, _text_embedding_many),
+    "latents": _BatchedStage(_latents_key_parts, _latents_many),
+}
+# Pieces per call of a batched stage: bounds what one call holds in memory (sampled frames, audio) and what a
+# crash makes redo one by one. Inside a call the model runs in batches of its ModelChoice.batch_size items.
+PIECES_PER_CALL = 32
+
+
+def _batched_input_ready(stage: str, outcome: PieceOutcome, settings: PreprocessSettings) -> bool:
+    """Whether the batched path computes this piece; the others go to the per-piece function, which passes them
+    through (rejected, stage switched off, no description) exactly as it does alone."""
+    if not outcome.kept:
+        return False
+    if stage == "describe":
+        # VideoLLaMA2's service describes one clip per call: nothing to batch
+        return settings.visual.description.enabled and not settings.models.captioning.model.startswith(
+            VIDEOLLAMA2_PREFIX)
+    if stage == "text_embedding":
+        return "describe" in outcome.features
+    if stage == "latents":
+        return settings.visual.latents.enabled
+    return True
+
+
+def run_piece_stage_batch(stage: str, pieces: list[PieceOutcome], settings: PreprocessSettings,
+                          workspace: Workspace) -> list[PieceOutcome]:
+    """One per-piece stage over many pieces (a partition's), in order; rejected pieces pass through untouched.
+
+    Each piece gets the outcome, cache key and stored files its per-piece function gives it alone. The stages in
+    ``_BATCHED_STAGES`` compute their cache misses together, up to ``PIECES_PER_CALL`` pieces per call (the
+    model runs in fixed-shape batches of its ``ModelChoice.batch_size`` items, ``preprocess.batching``), and
+    store one entry per piece (``StageCache.run_many``). If a call crashes, its
+    pieces are redone one by one, so that only the bad piece is rejected ``error``; a failure of the environment
+    stops the run, as in the per-piece functions."""
+    batched = _BATCHED_STAGES.get(stage)
+    alone = PIECE_STAGE_FUNCTIONS[stage]
+    if batched is None:
+        return [alone(piece, settings, workspace) for piece in pieces]
+    outcomes = list(pieces)
+    ready = []
+    for index, piece in enumerate(pieces):
+        if _batched_input_ready(stage, piece, settings):
+            ready.append(index)
+        else:
+            outcomes[index] = alone(piece, settings, workspace)
+    for first in range(0, len(ready), PIECES_PER_CALL):
+        group = ready[first:first + PIECES_PER_CALL]
+        for index, outcome in zip(group, _run_batch(stage, batched, [pieces[i] for i in group], settings,
+                                                    workspace), strict=True):
+            outcomes[index] = outcome
+    return outcomes
+
+
+def _run_batch(stage: str, batched: _BatchedStage, group: list[PieceOutcome], settings: PreprocessSettings,
+               workspace: Workspace) -> list[PieceOutcome]:
+    """One call of a batched stage over a group of kept pieces (see ``run_piece_stage_batch``)."""
+    try:
+        keys = [stable_hash(stage, STAGE_VERSIONS[stage], *batched.key_parts(piece, settings, workspace))
+                for piece in group]
+        by_key = dict(zip(keys, group, strict=True))
+        stored = workspace.cache.run_many(stage, keys, lambda missing, out_dirs: batched.many(
+            [by_key[key] for key in missing], settings, out_dirs))
+    except Exception as error:
+        if is_environment_error(error):
+            raise EnvironmentFailure(stage, group[0].clip_id, error) from error
+        log.warning("stage %s crashed on a batch of %d pieces (%s): redoing them one by one\n%s", stage,
+                    len(group), ", ".join(piece.clip_id for piece in group), traceback.format_exc())
+        return [PIECE_STAGE_FUNCTIONS[stage](piece, settings, workspace) for piece in group]
+    return [_with_entry(stage, piece, workspace, key, result, cached)
+            for piece, key, (result, cached) in zip(group, keys, stored, strict=True)]

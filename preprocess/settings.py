@@ -6,18 +6,20 @@ this pipeline use MediaPipe's bundled legacy solutions in both profiles (they sh
 "real" and "tiny" are the same there); the model stages (Demucs, Whisper, the emotion models, wav2vec 2.0, the
 captioning model, SD 1.5's CLIP text encoder and VAE) differ: ``default`` names Hugging Face hub ids / Demucs
 and Whisper model names, ``tiny`` names tiny models of the same classes under ``.models/tiny`` (built on first
-use by ``synchrorama.tiny_models``), whose numbers mean nothing.
+use by ``tiny_models``), whose numbers mean nothing.
 
 Every field can be overridden per run: ``preprocess(..., overrides={"filters": {"max_abs_yaw_deg": 30}})``.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from preprocess.describe import DEFAULT_PROMPT as DEFAULT_CAPTION_PROMPT
 
@@ -107,7 +109,8 @@ class MediaTimeouts(_Section):
 
 
 class FaceSettings(_Section):
-    """Per-frame MediaPipe face mesh on the standardised 512x512 clip."""
+    """Per-frame MediaPipe face mesh on the standardised 512x512 frames as standardise's decode makes them (part of
+    standardise's cache key)."""
 
     refine_landmarks: bool = Field(True, description="478 landmarks (with irises) instead of 468")
     min_detection_confidence: float = 0.5
@@ -137,8 +140,8 @@ class ShotSettings(_Section):
 
 
 class FrameQualitySettings(_Section):
-    """What ``preprocess.frame_quality`` measures in its one decode of the standardised clip (part of its cache
-    key; the thresholds that judge the figures are in ``FilterSettings`` and re-judge without re-decoding)."""
+    """What ``preprocess.frame_quality`` measures on the frames of standardise's one decode (part of standardise's
+    cache key; the thresholds that judge the figures are in ``FilterSettings`` and re-judge without re-decoding)."""
 
     analysis_size: int = Field(256, ge=16, description="frames are shrunk to this square side for the content "
                                "score (PySceneDetect's automatic downscaling targets about 256 px wide)")
@@ -221,9 +224,62 @@ class RunLimits(_Section):
         "it ran on fails the run: so many failures are not about the clips")
 
 
+def machine_cores() -> int:
+    """CPU cores this process may run on (a container's or taskset's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_has_cuda() -> bool:
+    import torch  # imported here: settings are read in processes that never touch a model
+
+    return torch.cuda.is_available()
+
+
+def _default_gpus_per_gpu_task() -> float:
+    return 1.0 if _machine_has_cuda() else 0.0
+
+
+class EngineSettings(_Section):
+    """Where the flow's stage tasks run (``flows.engines``, docs/scale.md): threads of the flow's own process, a
+    Dask cluster (prefect-dask) or a Ray cluster (prefect-ray). Not part of any cache key: the engine changes
+    where a stage runs, never what it writes (tests/test_engines.py checks byte-identical outputs)."""
+
+    kind: Literal["threads", "dask", "ray"] = Field(
+        "threads", description="threads: a thread pool in the flow's process; dask / ray: a cluster of worker "
+        "processes, local (started and stopped with the run) or at `address`")
+    workers: int | None = Field(
+        None, ge=1, description="threads, or worker processes of a local Dask/Ray cluster (one task each at a "
+        "time); None: the top-level `workers` (the machine's cores)")
+    address: str | None = Field(
+        None, description="an existing cluster to run on instead of a local one: a Dask scheduler "
+        "('tcp://host:8786') or a Ray cluster ('ray://host:10001', or 'auto' on a node of it)")
+    gpus_per_gpu_task: float = Field(
+        default_factory=_default_gpus_per_gpu_task, ge=0, description="GPUs a GPU stage task requests from Dask "
+        "(worker resource 'GPU') or Ray (num_gpus); default 1 when this machine has CUDA, else 0 (no request)")
+
+
 class ShardSettings(_Section):
     max_samples_per_shard: int = 100
     max_bytes_per_shard: int = 1 << 30
+
+
+class PartitionSettings(_Section):
+    """How candidates are grouped into partitions, the unit of orchestration (``preprocess.partitions``): one Prefect
+    task per partition per stage group, so a dataset's task-run count grows with its partitions, not clips x stages."""
+
+    max_clips: int = Field(16, ge=1, description="candidates per partition at most")
+    max_seconds: float = Field(
+        600.0, gt=0, description="a partition is closed once its candidates' annotated durations reach this many "
+        "seconds (candidates without an end time count as one clip only)")
+    prune_work: bool = Field(
+        True, description="once a partition's shards are written, delete the work/ entries of its kept pieces' cut "
+        "files (what the shard samples hold), so that a kept second is stored once beyond the shard (in the "
+        "standardised clip, from which a changed setting re-cuts it)")
+    gpu_slots: int = Field(1, ge=1, description="GPU stage-group tasks running at once, across every run using "
+                           "the same Prefect server (a strict global concurrency limit)")
+    gpu_limit_name: str = Field("synchrorama-gpu", description="the Prefect global concurrency limit the GPU "
+                                "stage groups take a slot of; created with gpu_slots when missing")
 
 
 class ModelChoice(_Section):
@@ -231,9 +287,10 @@ class ModelChoice(_Section):
 
     ``model`` is a hub id (Hugging Face for the transformers models), a Demucs or Whisper model name, or a local
     path (a relative path is relative to the repository root, not to the working directory). ``device``:
-    ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda[:N]``. ``batch_size`` counts items of one clip
-    run together (windows, segments): clips are never batched together, so that a clip's numbers do not depend
-    on which other clips a run happened to hold (a resumed run must give identical outputs). ``dtype``:
+    ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda[:N]``. ``batch_size`` is the rows of one forward
+    pass; the batched stages (``preprocess.batching``) run items across a partition's pieces in passes of exactly
+    that many rows of one shape (a short pass is filled with copies), so that a clip's numbers never depend on its
+    batch-mates (a resumed or re-partitioned run must give identical outputs). ``dtype``:
     ``float32``, ``float16`` or ``bfloat16`` (half precision only takes effect on CUDA).
     """
 
@@ -298,6 +355,28 @@ class ValenceArousalSettings(_Section):
     window_s: float = Field(2.0, description="window length in seconds; hop = window_s / 2 (50% overlap)")
 
 
+class Wav2VecSettings(_Section):
+    """Which wav2vec 2.0 hidden states the wav2vec stage stores (``preprocess.wav2vec_features``).
+
+    Index 0 is the feature projection of the CNN encoder, index i the output of transformer layer i (0..12 for
+    wav2vec2-base). The default, None, stores all of them: what the SynchroRaMa model reads (``model.config``
+    ``DataShapes.wav2vec_layers``: all 13 for the full model, all 3 for the tiny one). Each stored layer costs
+    ``25 x hidden_size x 2`` bytes per second of kept video (38.4 KB for wav2vec2-base; docs/audio_features.md).
+    """
+
+    layers: tuple[int, ...] | None = Field(
+        None, min_length=1, description="hidden-state indices to store, strictly increasing (e.g. [12]: the last "
+        "layer of wav2vec2-base only); None: all of them. The training loader refuses shards whose stored layers "
+        "are not the ones the model reads")
+
+    @field_validator("layers")
+    @classmethod
+    def _strictly_increasing(cls, layers: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if layers is not None and (layers[0] < 0 or list(layers) != sorted(set(layers))):
+            raise ValueError(f"wav2vec layers {list(layers)}: expected non-negative, strictly increasing indices")
+        return layers
+
+
 class ActionUnitSettings(_Section):
     """Per-frame facial action units (``preprocess.action_units``)."""
 
@@ -340,13 +419,16 @@ class AudioSettings(_Section):
     transcription: TranscriptionSettings = TranscriptionSettings()
     text_emotion: TextEmotionSettings = TextEmotionSettings()
     valence_arousal: ValenceArousalSettings = ValenceArousalSettings()
+    wav2vec: Wav2VecSettings = Wav2VecSettings()
 
 
 class PreprocessSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     profile: str = "default"
-    workers: int = Field(2, description="clips processed concurrently (threads; ffmpeg and MediaPipe release the GIL)")
+    workers: int = Field(default_factory=machine_cores, ge=1, description="stage tasks run concurrently: threads "
+                         "(ffmpeg and MediaPipe release the GIL), or local Dask/Ray worker processes unless "
+                         "engine.workers says otherwise; default: the machine's cores")
     layouts: LayoutSettings = LayoutSettings()
     probe: ProbeSettings = ProbeSettings()
     locate: LocateSettings = LocateSettings()
@@ -354,11 +436,13 @@ class PreprocessSettings(BaseModel):
     faces: FaceSettings = FaceSettings()
     filters: FilterSettings = FilterSettings()
     shards: ShardSettings = ShardSettings()
+    partitions: PartitionSettings = PartitionSettings()
     limits: RunLimits = RunLimits()
     sync: SyncSettings = SyncSettings()
     audio: AudioSettings = AudioSettings()
     visual: VisualSettings = VisualSettings()
     media: MediaTimeouts = MediaTimeouts()
+    engine: EngineSettings = Field(default_factory=EngineSettings)
     models: ModelRefs = ModelRefs()
 
 

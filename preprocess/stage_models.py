@@ -6,7 +6,7 @@ twice) and everyone after gets the same object. Stages call it per clip; the cos
 
 A model reference (``ModelChoice.model``) is one of:
 - a local path (a relative path is taken from the repository root). A path inside the tiny models directory
-  (``.models/tiny``) that does not exist yet is built on the spot by ``synchrorama.tiny_models``;
+  (``.models/tiny``) that does not exist yet is built on the spot by ``tiny_models``;
 - a Hugging Face hub id (text/speech emotion, valence-arousal, wav2vec), read from the local hub cache when
   ``HF_HUB_OFFLINE=1``;
 - a Demucs model name (``htdemucs``, ``htdemucs_ft``, ...) or an openai-whisper name (``tiny`` ... ``large-v3``),
@@ -148,7 +148,7 @@ def _check_revision(kind: str, choice: ModelChoice) -> None:
 
 def _ensure_local(kind: str, path: Path, how: str) -> Path:
     if TINY_DIR in (path, *path.parents):
-        from synchrorama.tiny_models import build_tiny_models, is_built
+        from tiny_models import build_tiny_models, is_built
 
         if not is_built(TINY_DIR):  # missing, or built by an older version of the builder
             build_tiny_models(TINY_DIR)
@@ -267,7 +267,7 @@ def _load_separation(choice: ModelChoice, device: torch.device, dtype: torch.dty
 
     path = local_path(choice.model)
     if path is not None:
-        _ensure_local("separation", path, "Build tiny models with `python -m synchrorama.tiny_models DIR`, or "
+        _ensure_local("separation", path, "Build tiny models with `python -m tiny_models DIR`, or "
                                           "point it at the bag .yaml of a local Demucs repo folder.")
         repo, name = _demucs_local_name(path)
         _check_demucs_packages(repo, name)

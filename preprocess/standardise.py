@@ -15,6 +15,16 @@ that starts later in the source (an audio track with an offset, a video whose fi
 padded at the front (silence, the first frame repeated) and one that starts earlier is trimmed, so lip motion
 and speech stay aligned frame for frame. Gaps inside the audio are filled with silence for the same reason.
 
+One decode: the pipeline passes a ``frame_consumer`` (the face mesh and the frame-quality measures,
+``preprocess.pipeline.run_standardise``). The same ffmpeg process then splits the filtered frames after the last
+filter: one branch goes to libx264 (``clip.mp4``, byte-identical to the encode without a consumer), the other, as
+raw RGB on stdout, to the consumer, frame by frame while ffmpeg goes on decoding and x264 encodes on its own
+threads. ``clip.mp4`` is no longer decoded again (it was twice: for the face mesh and for frame quality); the
+consumer sees the frames before x264's (CRF 18) compression. ffmpeg's count of the frames it encoded and the
+consumer's must agree (else a ``RuntimeError``: a broken pipeline, not a verdict on the clip). One process writes
+both branches, so no pipe joins two tools that could wait on each other; the time limit counts only the waits for
+ffmpeg, not the consumer's work (``preprocess.media.stream_stdout``).
+
 Decode errors: this stage decodes the clip's whole range anyway, so it counts the error lines ffmpeg logs while
 doing it (probe decodes only near both ends of the file and cannot see damage in the middle). More than
 ``max_decode_errors`` rejects the clip ``decode_errors`` (detail: the count and the first line); fewer keep it with
@@ -30,6 +40,7 @@ an uncached ``error`` for this run and the next run retries it; a full disk, an 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +49,16 @@ import pyloudnorm
 import soundfile
 
 from preprocess.crop import CropTrack
-from preprocess.media import FfmpegError, count_video_frames, run_ffmpeg
+from preprocess.media import (
+    FFMPEG_PREFIX,
+    FfmpegError,
+    MediaFileVanished,
+    StreamLog,
+    count_video_frames,
+    media_limits,
+    run_ffmpeg,
+    stream_stdout,
+)
 from preprocess.records import CropBox, Rejection
 from preprocess.settings import MediaTimeouts, StandardiseSettings
 
@@ -68,9 +88,14 @@ class StandardisedClip:
 def standardise_clip(
     source: str, start_s: float, duration_s: float, box: CropBox, settings: StandardiseSettings, out_dir: Path,
     limits: MediaTimeouts | None = None, audio_source: str | None = None, crop_track: CropTrack | None = None,
+    frame_consumer: Callable[[np.ndarray], None] | None = None,
 ) -> StandardisedClip | Rejection:
     """``audio_source``: a separate file to take the audio from instead of ``source``'s own track (MEAD's
-    microphone recording), cut over the same range: read as a second ffmpeg input with the same seek."""
+    microphone recording), cut over the same range: read as a second ffmpeg input with the same seek.
+
+    ``frame_consumer``: called with every output frame, in order, as a (size, size, 3) uint8 RGB array, from the
+    same decode that the encoder gets (see "One decode" in the module docstring); frame ``f`` it sees is frame
+    ``f`` of ``clip.mp4``. An exception it raises stops ffmpeg and propagates."""
     video_path, raw_audio_path = out_dir / VIDEO_FILE, out_dir / "raw_audio.wav"
     video_filter = (
         # bwdif touches only frames flagged interlaced (broadcast-style sources); progressive ones pass as they are
@@ -78,41 +103,58 @@ def standardise_clip(
         f"{_moving_crop(crop_track) if crop_track else ''}crop={int(box.w)}:{int(box.h)}:{int(box.x)}:{int(box.y)},"
         f"scale={settings.size}:{settings.size}:flags=lanczos,setsar=1,format=yuv420p"
     )
-    # A track's per-frame commands can outgrow a command-line argument (128 KiB): the graph goes in a file
     graph_file = out_dir / CROP_GRAPH_FILE
+    if frame_consumer is not None:
+        # the encoder and the consumer's raw RGB pipe get the same frames: split after the last filter
+        graph = f"[0:V:0]{video_filter},split=2[encode][analyse]"
+        video_input = ["-filter_complex_script", str(graph_file)] if crop_track else ["-filter_complex", graph]
+        video_maps, analysis_output = ["-map", "[encode]"], ["-map", "[analyse]", "-f", "rawvideo",
+                                                             "-pix_fmt", "rgb24", "pipe:1"]
+    else:
+        graph = video_filter
+        video_input, analysis_output = [], []
+        video_maps = ["-map", "0:V:0", *(["-filter_script:v", str(graph_file)] if crop_track else ["-vf", graph])]
+    # A track's per-frame commands can outgrow a command-line argument (128 KiB): the graph goes in a file
     if crop_track:
-        graph_file.write_text(video_filter)
-    video_filter_args = ["-filter_script:v", str(graph_file)] if crop_track else ["-vf", video_filter]
+        graph_file.write_text(graph)
+    # No seek for a clip from the file's start: ffmpeg seeks on the video's key frames, and a picture that
+    # starts late would drop the audio before it.
+    seek = ["-ss", f"{start_s:.3f}"] if start_s > 0 else []
+    audio_input = [*seek, "-t", f"{duration_s:.3f}", "-i", audio_source] if audio_source else []
+    command = [
+        *seek, "-t", f"{duration_s:.3f}", "-i", source, *audio_input, *video_input,
+        *video_maps, "-c:v", "libx264", "-preset", settings.preset,
+        "-crf", str(settings.crf), "-an", "-movflags", "+faststart", str(video_path),
+        *analysis_output,
+        "-map", "1:a:0" if audio_source else "0:a:0", "-af", f"aresample={settings.sample_rate}:async=1:first_pts=0",
+        "-ac", "1", "-ar", str(settings.sample_rate), "-c:a", "pcm_s16le",
+        str(raw_audio_path),
+    ]
+    # no source path in the purpose: it ends up in the cached encode_failed detail, and cached outputs are
+    # shared by every path holding the same content
+    purpose = f"standardising the clip from {start_s:.3f} s for {duration_s:.3f} s"
     try:
-        # No seek for a clip from the file's start: ffmpeg seeks on the video's key frames, and a picture that
-        # starts late would drop the audio before it.
-        seek = ["-ss", f"{start_s:.3f}"] if start_s > 0 else []
-        # no source path in the purpose: it ends up in the cached encode_failed detail, and cached outputs are
-        # shared by every path holding the same content
-        audio_input = [*seek, "-t", f"{duration_s:.3f}", "-i", audio_source] if audio_source else []
-        encode = run_ffmpeg([
-            *seek, "-t", f"{duration_s:.3f}", "-i", source, *audio_input,
-            "-map", "0:V:0", *video_filter_args, "-c:v", "libx264", "-preset", settings.preset,
-            "-crf", str(settings.crf), "-an", "-movflags", "+faststart", str(video_path),
-            "-map", "1:a:0" if audio_source else "0:a:0", "-af", f"aresample={settings.sample_rate}:async=1:first_pts=0",
-            "-ac", "1", "-ar", str(settings.sample_rate), "-c:a", "pcm_s16le",
-            str(raw_audio_path),
-        ], purpose=f"standardising the clip from {start_s:.3f} s for {duration_s:.3f} s",
-            media_duration_s=duration_s, limits=limits, outputs=(video_path, raw_audio_path))
+        if frame_consumer is None:
+            decode_errors, first_error = _encode(command, purpose, duration_s, limits, (video_path, raw_audio_path))
+            consumed = None
+        else:
+            decode_errors, first_error, consumed = _encode_and_stream(
+                command, purpose, duration_s, limits, (video_path, raw_audio_path), settings.size, frame_consumer)
         n_frames = count_video_frames(video_path, limits=limits)
     except FfmpegError as error:  # only a verdict on the input: timeouts, kills and a full disk are not FfmpegErrors
         return Rejection("standardise", "encode_failed", str(error))
     finally:
         graph_file.unlink(missing_ok=True)
+    if consumed is not None and consumed != n_frames:  # the split broken: the consumer's frames are not the clip's
+        raise RuntimeError(f"{purpose}: the encoder wrote {n_frames} frames, the frame consumer got {consumed}")
     # with -v error every line ffmpeg logged is an error, and the encoder side does not log on success: these
     # are the decoder's and demuxer's complaints about the source over the clip's whole range
-    decode_errors = encode.log_lines
     if decode_errors > settings.max_decode_errors:
         video_path.unlink(missing_ok=True)  # a rejection keeps no media in the cache
         raw_audio_path.unlink(missing_ok=True)
         return Rejection("standardise", "decode_errors",
                          f"ffmpeg logged {decode_errors} decode errors over the clip (more than max_decode_errors="
-                         f"{settings.max_decode_errors}); first: {encode.first_line[:300]}")
+                         f"{settings.max_decode_errors}); first: {first_error[:300]}")
     error_notes = [f"decode_errors:{decode_errors}"] if decode_errors else []
     if n_frames == 0:
         return Rejection("standardise", "no_frames", "the cut produced no video frames")
@@ -129,6 +171,39 @@ def standardise_clip(
         sample_rate=sample_rate, loudness_in_lufs=loudness_in, gain_db=gain_db, audio_padded_samples=padded_samples,
         notes=tuple(error_notes + notes + loudness_notes),
     )
+
+
+def _encode(command: list, purpose: str, duration_s: float, limits: MediaTimeouts | None,
+            outputs: tuple[Path, ...]) -> tuple[int, str]:
+    """The encode alone: (error lines ffmpeg logged, the first of them)."""
+    encode = run_ffmpeg(command, purpose=purpose, media_duration_s=duration_s, limits=limits, outputs=outputs)
+    return encode.log_lines, encode.first_line
+
+
+def _encode_and_stream(command: list, purpose: str, duration_s: float, limits: MediaTimeouts | None,
+                       outputs: tuple[Path, ...], size: int, frame_consumer: Callable[[np.ndarray], None],
+                       ) -> tuple[int, str, int]:
+    """The encode with its frames streamed to ``frame_consumer``: (error lines, the first, frames consumed).
+
+    One ffmpeg process writes both outputs, so no pipe joins two tools and none can wait on a dead partner:
+    ffmpeg dying ends the stream (its exit status is judged as in :func:`preprocess.media.check_tool_run`), and the
+    consumer failing kills ffmpeg (``stream_stdout`` closes on leaving the loop). The time limit counts only the
+    waits for ffmpeg, not the consumer's work (a face mesh on a slow CPU must not trip the encode's limit)."""
+    log = StreamLog()
+    frames = stream_stdout([*FFMPEG_PREFIX, *command], chunk_bytes=size * size * 3, purpose=purpose,
+                           timeout_s=media_limits(limits).limit_s(duration_s), log=log)
+    consumed = 0
+    try:
+        for chunk in frames:
+            frame_consumer(chunk.reshape(size, size, 3))
+            consumed += 1
+    finally:
+        frames.close()  # a consumer's exception: ffmpeg is killed now, not when the generator is collected
+    missing = [str(path) for path in outputs if not path.exists()]
+    if missing:
+        raise MediaFileVanished(f"{purpose}: ffmpeg exited 0 but {', '.join(missing)} is missing (deleted while "
+                                f"the run was writing it?); the next run retries it")
+    return log.lines, log.first_line, consumed
 
 
 def _moving_crop(track: CropTrack) -> str:

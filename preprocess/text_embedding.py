@@ -2,12 +2,15 @@
 
 Stable Diffusion 1.5's own text encoder (``CLIPTextModel`` in the ``text_encoder/`` folder, tokenizer in
 ``tokenizer/``): 77 tokens padded, the last hidden state (77, 768) as the cross-attention context, exactly
-what the UNet sees, so the trainer never runs the text encoder. Stored as float16.
+what the UNet sees, so the trainer never runs the text encoder. Stored as float16. Descriptions are encoded in
+batches of ``models.text_encoder.batch_size`` across pieces (``preprocess.batching``).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from preprocess.batching import run_fixed_shape_batches
 
 MAX_TOKENS = 77
 
@@ -28,12 +31,19 @@ class DescriptionEncoder:
             ) from error
         self.device, self.name = device, str(model_path)
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """(len(texts), 77, hidden) float16."""
+    def encode(self, texts: list[str], batch_size: int = 1) -> np.ndarray:
+        """(len(texts), 77, hidden) float16, in forward passes of exactly ``batch_size`` texts (a short batch
+        filled with copies, ``preprocess.batching``), so a text's embedding does not depend on the others."""
         import torch
 
-        tokens = self.tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                                return_tensors="pt").to(self.device)
-        with torch.inference_mode():
-            hidden = self.model(input_ids=tokens.input_ids).last_hidden_state
-        return hidden.float().cpu().numpy().astype(np.float16)
+        def forward(batch: list[str]) -> np.ndarray:
+            tokens = self.tokenizer(batch, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                                    return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                hidden = self.model(input_ids=tokens.input_ids).last_hidden_state
+            return hidden.float().cpu().numpy().astype(np.float16)
+
+        # every text is padded to 77 tokens: one shape
+        embeddings = run_fixed_shape_batches(texts, [MAX_TOKENS] * len(texts), batch_size, forward)
+        return np.stack(embeddings) if embeddings else np.zeros((0, MAX_TOKENS, self.model.config.hidden_size),
+                                                                 np.float16)

@@ -10,7 +10,7 @@ config.json names the class audEERING trained with, ``Wav2Vec2ForSpeechClassific
 
 The backbone is the "large-robust" kind (``feat_extract_norm = "layer"``, ``do_stable_layer_norm``: layer norms
 in the convolutional encoder and before each transformer block), H = 1024; the tiny model of the tests is built
-from the same config.json with only sizes changed (``synchrorama/real_configs``).
+from the same config.json with only sizes changed (``tiny_models/real_configs``).
 
 Input: 16 kHz mono audio, normalised by the checkpoint's feature extractor (zero mean, unit variance). Its
 ``return_attention_mask`` is moot here: the mean over T has no mask (as in the model card), so inputs are never

@@ -6,7 +6,9 @@ Windows: ``window_s`` long (default 2.0 s), hop ``window_s / 2`` (50% overlap), 
 whole number of hops; it is fed its real audio, not padding, since the model mean-pools over time). So the
 windows cover the clip and every instant but the first and last half-window lies in exactly two windows; this
 is the layout ``model.emotion_embedding.align_windows_to_frames`` expects. Each window is normalised by the
-checkpoint's feature extractor on its own; full-length windows of a clip run in batches of ``batch_size``.
+checkpoint's feature extractor on its own. Full-length windows run in batches of exactly ``batch_size`` windows,
+across the clips of a partition (``valence_arousal_tracks``); a shorter last window runs on its own. A window's
+numbers do not depend on its batch-mates (``preprocess.batching``).
 
 Values are the model's outputs (roughly 0-1; 0.5 is neutral). Embedding: the mean-pooled last hidden state
 the regression head reads (1024 floats for the real model). Without speech every window is a row with
@@ -20,6 +22,7 @@ Writes ``emotion_va.npy``: float32 ``(K, 3 + D)``: valence, arousal, dominance (
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 from preprocess.audio_io import read_mono
+from preprocess.batching import run_fixed_shape_batches
 from preprocess.settings import ValenceArousalSettings
 from preprocess.stage_models import LoadedModel
 from preprocess.va_model import OUTPUTS
@@ -65,33 +69,60 @@ def window_bounds(n_samples: int, window: int, hop: int) -> list[tuple[int, int]
 
 def valence_arousal_windows(vocals_path: Path, has_speech: bool, loaded: LoadedModel,
                             settings: ValenceArousalSettings, batch_size: int, out_dir: Path) -> VATrack:
-    audio, sample_rate = read_mono(vocals_path)
-    window = int(round(settings.window_s * sample_rate))
-    hop = window // 2
-    bounds = window_bounds(len(audio), window, hop)
+    return valence_arousal_tracks([(vocals_path, has_speech)], loaded, settings, batch_size, [out_dir])[0]
+
+
+def valence_arousal_tracks(clips: Sequence[tuple[Path, bool]], loaded: LoadedModel, settings: ValenceArousalSettings,
+                           batch_size: int, out_dirs: Sequence[Path]) -> list[VATrack]:
+    """``valence_arousal_windows`` of each (vocals path, has speech) clip, its file written to its out_dir.
+
+    The full-length windows of all the clips run together, in batches of exactly ``batch_size`` windows (a short
+    batch filled with copies, ``preprocess.batching``); a shorter last window runs on its own (a batch of one),
+    since its length is rarely shared. So each window's numbers are those it gets when its clip runs alone."""
+    sample_rates, all_bounds, windows = [], [], []  # windows: (clip index, window index, samples)
+    for clip_index, (vocals_path, has_speech) in enumerate(clips):
+        audio, sample_rate = read_mono(vocals_path)
+        window = int(round(settings.window_s * sample_rate))
+        bounds = window_bounds(len(audio), window, window // 2)
+        sample_rates.append(sample_rate)
+        all_bounds.append(bounds)
+        if has_speech:
+            windows += [(clip_index, k, audio[start:end]) for k, (start, end) in enumerate(bounds)]
+
+    def forward(rows: list[tuple[int, int, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        # one sample rate per batch: it is part of the shape key below
+        inputs = loaded.processor([samples for _, _, samples in rows], sampling_rate=sample_rates[rows[0][0]],
+                                  return_tensors="pt")
+        with torch.inference_mode():
+            pooled, outputs = loaded.model(inputs["input_values"].to(loaded.device, loaded.dtype))
+        return list(zip(outputs.float().cpu().numpy(), pooled.float().cpu().numpy(), strict=True))
+
+    # Same-length windows batch without padding (padding would change wav2vec2's normalised features).
+    full = [w for w in windows if len(w[2]) == int(round(settings.window_s * sample_rates[w[0]]))]
+    short = [w for w in windows if len(w[2]) != int(round(settings.window_s * sample_rates[w[0]]))]
+    results = {}
+    for group, size in ((full, batch_size), (short, 1)):
+        shapes = [(len(samples), sample_rates[clip_index]) for clip_index, _, samples in group]
+        for (clip_index, k, _), output in zip(group, run_fixed_shape_batches(group, shapes, size, forward),
+                                              strict=True):
+            results[clip_index, k] = output
     dim = loaded.model.config.hidden_size
-    status = "ok" if has_speech else "no_speech"
-    values = np.zeros((len(bounds), 3), np.float32)  # arousal, dominance, valence (model order)
-    embeddings = np.zeros((len(bounds), dim), np.float32)
-    if has_speech:
-        # Same-length windows batch without padding (padding would change wav2vec2's group-normalised features).
-        groups: dict[int, list[int]] = {}
-        for index, (start, end) in enumerate(bounds):
-            groups.setdefault(end - start, []).append(index)
-        for indices in groups.values():
-            for first in range(0, len(indices), batch_size):
-                batch = indices[first:first + batch_size]
-                chunks = [audio[bounds[i][0]:bounds[i][1]] for i in batch]
-                inputs = loaded.processor(chunks, sampling_rate=sample_rate, return_tensors="pt")
-                with torch.inference_mode():
-                    pooled, outputs = loaded.model(inputs["input_values"].to(loaded.device, loaded.dtype))
-                values[batch] = outputs.float().cpu().numpy()
-                embeddings[batch] = pooled.float().cpu().numpy()
     order = [OUTPUTS.index(name) for name in VA_FILE_COLUMNS]
-    np.save(out_dir / VA_FILE, np.concatenate([values[:, order], embeddings], axis=1))
-    windows = tuple(
-        VAWindow(round(start / sample_rate, 4), round(end / sample_rate, 4),
-                 *((float(v) for v in values[k]) if has_speech else (None, None, None)))
-        for k, (start, end) in enumerate(bounds)
-    )
-    return VATrack(status, settings.window_s, hop / sample_rate, windows, dim, VA_FILE, loaded.reference)
+    tracks = []
+    for clip_index, ((_, has_speech), out_dir) in enumerate(zip(clips, out_dirs, strict=True)):
+        bounds, sample_rate = all_bounds[clip_index], sample_rates[clip_index]
+        values = np.zeros((len(bounds), 3), np.float32)  # arousal, dominance, valence (model order)
+        embeddings = np.zeros((len(bounds), dim), np.float32)
+        if has_speech:
+            for k in range(len(bounds)):
+                values[k], embeddings[k] = results[clip_index, k]
+        np.save(out_dir / VA_FILE, np.concatenate([values[:, order], embeddings], axis=1))
+        track_windows = tuple(
+            VAWindow(round(start / sample_rate, 4), round(end / sample_rate, 4),
+                     *((float(v) for v in values[k]) if has_speech else (None, None, None)))
+            for k, (start, end) in enumerate(bounds)
+        )
+        tracks.append(VATrack("ok" if has_speech else "no_speech", settings.window_s,
+                              (int(round(settings.window_s * sample_rate)) // 2) / sample_rate, track_windows, dim,
+                              VA_FILE, loaded.reference))
+    return tracks

@@ -10,7 +10,10 @@ receptive field of 400 samples, so feature i is centred at ``(320 i + 200) / 160
 position ``2j + 0.375``; each frame's vectors are the linear interpolation of the two features around that
 position (clamped at the ends). The result has exactly T rows.
 
-Writes ``wav2vec.npy``: float16 ``(T, L + 1, H)``.
+Writes ``wav2vec.npy``: float16 ``(T, K, H)``, the K hidden states chosen by ``layers`` (audio.wav2vec.layers in
+the settings; None: all ``L + 1``, what the SynchroRaMa model reads). Each stored layer is ``fps x H x 2`` bytes
+per second (38.4 KB at 25 fps for wav2vec2-base; all 13: 499.2 KB), so storing fewer is the way to smaller shards
+when the model that trains on them reads fewer.
 """
 
 from __future__ import annotations
@@ -31,9 +34,20 @@ WAV2VEC_FILE = "wav2vec.npy"
 class Wav2VecFeatures:
     file: str
     n_frames: int
-    n_layers: int  # L + 1 (the projected CNN features and each transformer layer)
+    n_layers: int  # stored hidden states: len(layers)
     hidden_size: int
     model: str
+    layers: tuple[int, ...]  # which hidden states are stored (0: the projected CNN features, i: transformer layer i)
+
+
+def chosen_layers(layers: tuple[int, ...] | None, available: int) -> tuple[int, ...]:
+    """The hidden-state indices to store out of ``available`` (L + 1); None: all of them."""
+    if layers is None:
+        return tuple(range(available))
+    if layers[-1] >= available:
+        raise ValueError(f"wav2vec layers {list(layers)} asked for, the model has hidden states 0..{available - 1} "
+                         "(audio.wav2vec.layers in the preprocessing settings)")
+    return tuple(layers)
 
 
 def encoder_geometry(config) -> tuple[int, int]:
@@ -56,7 +70,9 @@ def features_to_frames(features: np.ndarray, n_frames: int, samples_per_frame: i
     return (1 - weight) * features[low] + weight * features[high]
 
 
-def wav2vec_frames(vocals_path: Path, n_frames: int, fps: int, loaded: LoadedModel, out_dir: Path) -> Wav2VecFeatures:
+def wav2vec_frames(vocals_path: Path, n_frames: int, fps: int, loaded: LoadedModel, out_dir: Path,
+                   layers: tuple[int, ...] | None = None) -> Wav2VecFeatures:
+    """``wav2vec.npy`` of the vocals: the hidden states ``layers`` (None: all), one set per video frame."""
     audio, sample_rate = read_mono(vocals_path)
     samples_per_frame = sample_rate // fps
     if len(audio) != n_frames * samples_per_frame:
@@ -64,10 +80,11 @@ def wav2vec_frames(vocals_path: Path, n_frames: int, fps: int, loaded: LoadedMod
     inputs = loaded.processor(audio, sampling_rate=sample_rate, return_tensors="pt")
     with torch.inference_mode():
         output = loaded.model(inputs["input_values"].to(loaded.device, loaded.dtype), output_hidden_states=True)
-    # hidden_states: L + 1 tensors of (1, T_feat, H); stacked on a new third axis -> (T_feat, L + 1, H), so that
-    # the resampling below runs over time, not over layers
-    layers = torch.stack(output.hidden_states, dim=2)[0].float().cpu().numpy()
+    # hidden_states: L + 1 tensors of (1, T_feat, H); the chosen ones stacked on a new third axis ->
+    # (T_feat, K, H), so that the resampling below runs over time, not over layers
+    kept = chosen_layers(layers, len(output.hidden_states))
+    states = torch.stack([output.hidden_states[i] for i in kept], dim=2)[0].float().cpu().numpy()
     stride, field = encoder_geometry(loaded.model.config)
-    frames = features_to_frames(layers, n_frames, samples_per_frame, stride, field).astype(np.float16)
+    frames = features_to_frames(states, n_frames, samples_per_frame, stride, field).astype(np.float16)
     np.save(out_dir / WAV2VEC_FILE, frames)
-    return Wav2VecFeatures(WAV2VEC_FILE, n_frames, frames.shape[1], frames.shape[2], loaded.reference)
+    return Wav2VecFeatures(WAV2VEC_FILE, n_frames, frames.shape[1], frames.shape[2], loaded.reference, kept)

@@ -34,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from preprocess.action_units import GeometricAUs
+from preprocess.cache import stable_hash
 from preprocess.faces import LANDMARKS_FILE, POSE_FILE
 from preprocess.failures import is_environment_error
 from preprocess.pipeline import AUDIO_STAGES, VISUAL_STAGES, PieceOutcome
@@ -55,6 +57,7 @@ from shards.schema import (
     SCHEMA_VERSION,
     VOCALS_MEMBER,
     WAV2VEC_MEMBER,
+    ShardManifest,
     encode_json,
 )
 from shards.tables import (
@@ -82,11 +85,20 @@ from shards.tables import (
     VA_WINDOWS_TABLE,
     action_units_schema,
     committed_state,
+    merge_tables_atomic,
     remove_table_leftovers,
     speech_emotion_schema,
+    write_arrow_table_atomic,
     write_table_atomic,
 )
-from shards.writer import ShardSample, check_samples, fsync_path, write_atomically, write_shards
+from shards.writer import (
+    ShardSample,
+    check_samples,
+    fsync_path,
+    publish_shards,
+    write_atomically,
+    write_shards,
+)
 
 log = logging.getLogger(__name__)
 PIECE_STAGES = ("cut", *AUDIO_STAGES, *VISUAL_STAGES)  # stages timed per piece (clip id), not per candidate
@@ -227,8 +239,10 @@ def audio_metadata(outcome: PieceOutcome, settings: PreprocessSettings) -> dict:
             "transcript": transcript["text"],
             "language": transcript["language"],
             "transcript_status": transcript["status"],
+            # layers: the hidden-state indices stored (axis 1 of the shape); the training loader checks them
             "wav2vec": {"shape": [wav2vec["n_frames"], wav2vec["n_layers"], wav2vec["hidden_size"]],
-                        "dtype": "float16", "alignment": "linear interpolation of 50 Hz features at frame centres"},
+                        "layers": list(wav2vec["layers"]), "dtype": "float16",
+                        "alignment": "linear interpolation of 50 Hz features at frame centres"},
         },
         "emotion": {
             "member": EMOTION_MEMBER,
@@ -285,16 +299,20 @@ def visual_members(outcome: PieceOutcome) -> dict[str, Path]:
             for member, stage in members.items() if stage in outcome.features}
 
 
-def visual_rows(outcome: PieceOutcome, fps: int) -> tuple[list[dict], dict | None]:
-    """(action_units rows, one per frame; descriptions row or None) of a kept clip."""
+def visual_rows(outcome: PieceOutcome, fps: int) -> tuple[pa.Table, dict | None]:
+    """(action_units table, one row per frame, built from the array without a Python object per frame;
+    descriptions row or None) of a kept clip."""
     features, clip_id = outcome.features, outcome.clip_id
     aus = features["action_units"]
-    values = np.load(Path(aus["dir"]) / aus["file"])
-    au_rows = [{"clip_id": clip_id, "frame": frame, "time_s": round(frame / fps, 4),
-                **{name: None if np.isnan(value) else float(value)
-                   for name, value in zip(aus["au_names"], row, strict=True)},
-                "model": aus["model"]}
-               for frame, row in enumerate(values)]
+    values = np.load(Path(aus["dir"]) / aus["file"]).astype(np.float32)
+    au_names = tuple(aus["au_names"])
+    frames = np.arange(len(values), dtype=np.int32)
+    columns = {"clip_id": pa.array([clip_id] * len(values), pa.string()), "frame": pa.array(frames),
+               "time_s": pa.array(np.round(frames / fps, 4)),
+               **{name: pa.array(values[:, column], mask=np.isnan(values[:, column]), type=pa.float32())
+                  for column, name in enumerate(au_names)},
+               "model": pa.array([aus["model"]] * len(values), pa.string())}
+    au_table = pa.Table.from_pydict(columns, schema=action_units_schema(au_names))
     description = None
     if "describe" in features:
         described, embedded = features["describe"], features.get("text_embedding")
@@ -302,7 +320,7 @@ def visual_rows(outcome: PieceOutcome, fps: int) -> tuple[list[dict], dict | Non
                        "prompt": described["prompt"], "model": described["model"], "n_frames": described["n_frames"],
                        "embedding_model": embedded["model"] if embedded else None,
                        "embedding_shape": embedded["shape"] if embedded else None}
-    return au_rows, description
+    return au_table, description
 
 
 def _embedding(result: dict, offset: int, row: int | None = None) -> list[float] | None:
@@ -412,7 +430,7 @@ class _KeptClip:
 
     sample: ShardSample
     audio: tuple[dict, dict, dict, list[dict]]
-    visual: tuple[list[dict], dict | None]
+    visual: tuple[pa.Table, dict | None]
 
 
 def _assemble(outcome: PieceOutcome, settings: PreprocessSettings) -> _KeptClip:
@@ -474,41 +492,109 @@ def _assemble_kept(outcomes: list[PieceOutcome], settings: PreprocessSettings
     return screened, kept
 
 
-def write_outputs(
-    outcomes: list[PieceOutcome], issues: list[AnnotationIssue], settings: PreprocessSettings, out_dir: Path
-) -> RunSummary:
-    """Write the shards, then the tables, from the finished outcomes; returns the run's summary.
+PARTITION_MARKER = "partition.json"  # in a partition's directory, written last: the partition is done
+# The tables each partition writes for its own clips; publishing concatenates them (annotation issues are the
+# dataset's, written once at publish).
+PARTITION_TABLES = (CLIPS_TABLE, STAGE_TIMINGS_TABLE, TRANSCRIPTS_TABLE, TEXT_EMOTION_TABLE, SPEECH_EMOTION_TABLE,
+                    VA_WINDOWS_TABLE, ACTION_UNITS_TABLE, DESCRIPTIONS_TABLE)
+
+
+def write_partition(outcomes: list[PieceOutcome], settings: PreprocessSettings, part_dir: Path,
+                    record: dict[str, Any]) -> dict[str, Any]:
+    """Write one partition's shards (``part_dir/shards``) and tables (``part_dir/tables``), then its marker
+    ``partition.json`` (``record`` plus what was written: counts, shard manifests), and return the marker's content.
 
     Every per-clip step that can fail runs before the first write (``_assemble_kept``), so a bad clip becomes a
-    rejection row instead of a half-written output. Call it under the out_dir's lock (it removes temp files)."""
-    out_dir = Path(out_dir)
+    rejection row instead of a half-written output. The marker is removed first: while the files change, the
+    partition is not done. Memory holds one partition's clips, never the dataset's."""
+    part_dir = Path(part_dir)
+    part_dir.mkdir(parents=True, exist_ok=True)
+    (part_dir / PARTITION_MARKER).unlink(missing_ok=True)
     outcomes, assembled = _assemble_kept(sorted(outcomes, key=_outcome_order), settings)
     kept = [outcome for outcome in outcomes if outcome.kept and outcome.clip_id in assembled]
     samples = [assembled[outcome.clip_id].sample for outcome in kept]
-    shards_dir = out_dir / SHARDS_DIR
-    manifests = write_shards(samples, shards_dir, max_samples_per_shard=settings.shards.max_samples_per_shard,
+    manifests = write_shards(samples, part_dir / SHARDS_DIR, max_samples_per_shard=settings.shards.max_samples_per_shard,
                              max_bytes_per_shard=settings.shards.max_bytes_per_shard)
     shard_of = {clip_id: manifest.tar_name for manifest in manifests for clip_id in manifest.clip_ids}
-    write_tables(outcomes, kept, assembled, issues, settings, out_dir, shard_of)
+    write_tables(outcomes, kept, assembled, None, settings, part_dir, shard_of)
     visual = [assembled[outcome.clip_id].visual for outcome in kept]
-    tiny = tiny_model_stages(settings)
     reasons = Counter(outcome.rejection.reason for outcome in outcomes if outcome.rejection)
+    done = {**record, "n_clips": len(outcomes), "n_kept": len(kept), "n_rejected": len(outcomes) - len(kept),
+            "kept_seconds": sum(outcome.stats.duration_s for outcome in kept), "reasons": dict(sorted(reasons.items())),
+            "n_with_speech": sum(1 for outcome in kept if outcome.features["separate"]["has_speech"]),
+            "n_described": sum(1 for _, row in visual if row and row["status"] == "ok"),
+            "shards": [manifest.to_json() for manifest in manifests]}
+    write_atomically(part_dir / PARTITION_MARKER, encode_json(done))
+    return done
+
+
+def _publish_parts(parts: list[tuple[Path, dict[str, Any]]], issues: list[AnnotationIssue],
+                   settings: PreprocessSettings, out_dir: Path) -> RunSummary:
+    """Publish written partitions (in order) as the out_dir's shards and tables; returns the run's summary.
+    Shards are hard-linked (``shards.writer.publish_shards``) and renumbered; each table is the partitions' tables
+    concatenated one partition at a time (``shards.tables.merge_tables_atomic``), the clips table's ``shard``
+    column renamed to the published names. Call it under the out_dir's lock (it removes temp files)."""
+    out_dir = Path(out_dir)
+    shards_dir, tables_dir = out_dir / SHARDS_DIR, out_dir / TABLES_DIR
+    part_manifests = [[ShardManifest.from_json(entry) for entry in record["shards"]] for _, record in parts]
+    manifests = publish_shards([(part_dir / SHARDS_DIR, local) for (part_dir, _), local
+                                in zip(parts, part_manifests, strict=True)], shards_dir)
+    published_names, offset = [], 0
+    for local in part_manifests:
+        published_names.append({manifest.tar_name: manifests[offset + number].tar_name
+                                for number, manifest in enumerate(local)})
+        offset += len(local)
+
+    def published_shard_names(number: int, table: pa.Table) -> pa.Table:
+        renamed = [published_names[number].get(name) if name else None
+                   for name in table.column("shard").to_pylist()]
+        return table.set_column(table.schema.get_field_index("shard"), "shard", pa.array(renamed, pa.string()))
+
+    remove_table_leftovers(tables_dir)
+    for name in PARTITION_TABLES:
+        merge_tables_atomic([part_dir / TABLES_DIR / name for part_dir, _ in parts], tables_dir / name,
+                            published_shard_names if name == CLIPS_TABLE else None)
+    write_table_atomic([vars(issue) for issue in issues], ANNOTATION_ISSUES_SCHEMA,
+                       tables_dir / ANNOTATION_ISSUES_TABLE, ["file", "line", "kind", "subject"])
+    records = [record for _, record in parts]
+    reasons: Counter = Counter()
+    for record in records:
+        reasons.update(record["reasons"])
+    tiny = tiny_model_stages(settings)
+    n_clips, n_kept = sum(record["n_clips"] for record in records), sum(record["n_kept"] for record in records)
     return RunSummary(
-        out_dir=str(out_dir), shards_dir=str(shards_dir), tables_dir=str(out_dir / TABLES_DIR),
-        n_clips=len(outcomes), n_kept=len(kept), n_rejected=len(outcomes) - len(kept),
-        kept_seconds=round(sum(outcome.stats.duration_s for outcome in kept), 2),
+        out_dir=str(out_dir), shards_dir=str(shards_dir), tables_dir=str(tables_dir),
+        n_clips=n_clips, n_kept=n_kept, n_rejected=n_clips - n_kept,
+        kept_seconds=round(sum(record["kept_seconds"] for record in records), 2),
         reasons=dict(reasons), n_shards=len(manifests), n_annotation_issues=len(issues),
         models=model_refs(settings),
-        n_with_speech=sum(1 for outcome in kept if outcome.features["separate"]["has_speech"]),
-        n_described=sum(1 for _, row in visual if row and row["status"] == "ok"),
+        n_with_speech=sum(record["n_with_speech"] for record in records),
+        n_described=sum(record["n_described"] for record in records),
         warning=f"{TINY_MODELS_WARNING} (stages: {', '.join(tiny)})" if tiny else None,
     )
 
 
+def _single_partition(outcomes: list[PieceOutcome], settings: PreprocessSettings,
+                      out_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """Finished outcomes written as one partition (callers that hold every outcome at once: tests, tools)."""
+    key = stable_hash("outcomes", sorted(outcome.clip_id for outcome in outcomes))
+    part_dir = Path(out_dir) / "work" / "partitions" / f"all-{key[:16]}"
+    return [(part_dir, write_partition(outcomes, settings, part_dir, {"key": key, "name": "all", "retry": True}))]
+
+
+def write_outputs(
+    outcomes: list[PieceOutcome], issues: list[AnnotationIssue], settings: PreprocessSettings, out_dir: Path
+) -> RunSummary:
+    """Write the shards, then the tables, from finished outcomes held in memory; returns the run's summary.
+    (The flow writes partition by partition instead: ``write_partition``, then ``publish_partitions``.)"""
+    return _publish_parts(_single_partition(outcomes, settings, out_dir), issues, settings, out_dir)
+
+
 def write_tables(outcomes: list[PieceOutcome], kept: list[PieceOutcome], assembled: dict[str, _KeptClip],
-                 issues: list[AnnotationIssue], settings: PreprocessSettings, out_dir: Path,
+                 issues: list[AnnotationIssue] | None, settings: PreprocessSettings, out_dir: Path,
                  shard_of: dict[str, str]) -> None:
-    """Every table, each written atomically; temp files of an interrupted earlier write are removed first."""
+    """Every table (the annotation issues only when given), each written atomically; temp files of an interrupted
+    earlier write are removed first."""
     tables_dir = out_dir / TABLES_DIR
     remove_table_leftovers(tables_dir)
     write_table_atomic([clip_row(outcome, settings, shard_of) for outcome in outcomes], CLIPS_SCHEMA,
@@ -523,8 +609,9 @@ def write_tables(outcomes: list[PieceOutcome], kept: list[PieceOutcome], assembl
                         for timing in timings]
     write_table_atomic(timing_rows, STAGE_TIMINGS_SCHEMA, tables_dir / STAGE_TIMINGS_TABLE,
                        ["candidate_id", "stage"])
-    write_table_atomic([vars(issue) for issue in issues], ANNOTATION_ISSUES_SCHEMA,
-                       tables_dir / ANNOTATION_ISSUES_TABLE, ["file", "line", "kind", "subject"])
+    if issues is not None:
+        write_table_atomic([vars(issue) for issue in issues], ANNOTATION_ISSUES_SCHEMA,
+                           tables_dir / ANNOTATION_ISSUES_TABLE, ["file", "line", "kind", "subject"])
     rows = [assembled[outcome.clip_id].audio for outcome in kept]
     write_table_atomic([row[0] for row in rows], TRANSCRIPTS_SCHEMA, tables_dir / TRANSCRIPTS_TABLE, ["clip_id"])
     write_table_atomic([row[1] for row in rows], TEXT_EMOTION_SCHEMA, tables_dir / TEXT_EMOTION_TABLE, ["clip_id"])
@@ -535,15 +622,18 @@ def write_tables(outcomes: list[PieceOutcome], kept: list[PieceOutcome], assembl
                        tables_dir / VA_WINDOWS_TABLE, ["clip_id", "window_index"])
     visual = [assembled[outcome.clip_id].visual for outcome in kept]
     au_names = tuple(kept[0].features["action_units"]["au_names"]) if kept else ()
-    write_table_atomic([row for au_rows, _ in visual for row in au_rows], action_units_schema(au_names),
-                       tables_dir / ACTION_UNITS_TABLE, ["clip_id", "frame"])
+    au_tables = [au_table for au_table, _ in visual]
+    write_arrow_table_atomic(pa.concat_tables(au_tables) if au_tables else action_units_schema(au_names).empty_table(),
+                             tables_dir / ACTION_UNITS_TABLE, ["clip_id", "frame"])
     write_table_atomic([row for _, row in visual if row], DESCRIPTIONS_SCHEMA, tables_dir / DESCRIPTIONS_TABLE,
                        ["clip_id"])
 
 
-def publish_outputs(outcomes: list[PieceOutcome], issues: list[AnnotationIssue], settings: PreprocessSettings,
-                    out_dir: Path, *, run_id: str, extra: dict[str, Any]) -> tuple[RunSummary, dict[str, Any]]:
-    """The run-level commit: marker, shards, tables, ``summary.json`` last, marker removed.
+def publish_partitions(parts: list[tuple[Path, dict[str, Any]]], issues: list[AnnotationIssue],
+                       settings: PreprocessSettings, out_dir: Path, *, run_id: str,
+                       extra: dict[str, Any]) -> tuple[RunSummary, dict[str, Any]]:
+    """The run-level commit of written partitions ``(partition dir, its marker's content)``, in order: marker,
+    shards, tables, ``summary.json`` last, marker removed.
 
     Returns the run's summary and what ``summary.json`` now holds (the summary plus ``extra``, run id, status and
     the committed state).
@@ -554,17 +644,25 @@ def publish_outputs(outcomes: list[PieceOutcome], issues: list[AnnotationIssue],
     ``complete``. A kill anywhere in between leaves the marker and a summary that no longer matches, which
     ``shards.validate.validate_output`` reports; the next run redoes the publish. Call under the out_dir's lock."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     marker = out_dir / PUBLISHING_MARKER
     started = time.time()
     write_atomically(marker, encode_json({"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(),
                                           "started": started, "started_at": _iso(started)}))
-    summary = write_outputs(outcomes, issues, settings, out_dir)
+    summary = _publish_parts(parts, issues, settings, out_dir)
     record = {**json.loads(json.dumps(vars(summary))), **extra, "run_id": run_id, "status": "complete",
-              "finished_at": _iso(time.time()), "committed": committed_state(out_dir)}
+              "finished_at": _iso(time.time()), "n_partitions": len(parts), "committed": committed_state(out_dir)}
     write_atomically(out_dir / SUMMARY_FILE, encode_json(record))
     marker.unlink()
     fsync_path(out_dir)
     return summary, record
+
+
+def publish_outputs(outcomes: list[PieceOutcome], issues: list[AnnotationIssue], settings: PreprocessSettings,
+                    out_dir: Path, *, run_id: str, extra: dict[str, Any]) -> tuple[RunSummary, dict[str, Any]]:
+    """``publish_partitions`` for finished outcomes held in memory, written as one partition first."""
+    return publish_partitions(_single_partition(outcomes, settings, out_dir), issues, settings, out_dir,
+                              run_id=run_id, extra=extra)
 
 
 def _iso(seconds: float) -> str:

@@ -29,7 +29,8 @@ pip_install() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is ignored
 pip_install --upgrade pip
 # torch first, exactly, from the CPU wheel; the constraints file keeps every later install from replacing it.
 pip_install torch==2.13.0
-pip_install -c constraints.txt -e ".[dev]"
+# dask and ray: the distributed engines, which tests/test_engines.py runs (about 10 s more to install)
+pip_install -c constraints.txt -e ".[dev,dask,ray]"
 # openai-whisper without triton (see pyproject.toml); its runtime dependencies come with the project
 pip_install --no-deps openai-whisper==20250625
 .venv/bin/python -c "import whisper, demucs, mediapipe, prefect, silero_vad" # fail here, not later, if anything is missing

@@ -56,7 +56,9 @@ META_MEMBER = "json"
 REQUIRED_MEMBERS: tuple[str, ...] = (VIDEO_MEMBER, AUDIO_MEMBER, LANDMARKS_MEMBER, POSE_MEMBER, META_MEMBER)
 # Members that later stages add. Not exhaustive: the writer accepts any valid member name; this list
 # documents the known ones so that readers and validators agree on their meaning.
-WAV2VEC_MEMBER = "wav2vec.npy"  # float16 (T, L+1, H): wav2vec 2.0 hidden states of all layers, one row per frame
+# float16 (T, K, H): K wav2vec 2.0 hidden states per frame, those the json lists in audio.wav2vec.layers (default:
+# all L+1 of them)
+WAV2VEC_MEMBER = "wav2vec.npy"
 VOCALS_MEMBER = "vocals.wav"  # the speech stem after source separation, 16 kHz mono PCM16, T * 640 samples
 # The emotion inputs of the paper's eq. 1 (E_t, E_ser, E_va): an uncompressed npz of float32 arrays named as
 # EMOTION_ARRAYS (the fields of model.emotion_embedding.EmotionFeatures) plus a uint8 0/1 scalar per part in

@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -247,8 +248,12 @@ DESCRIPTIONS_SCHEMA = pa.schema([
 
 def write_table_atomic(rows: list[dict], schema: pa.Schema, path: Path, sort_by: list[str]) -> None:
     """Write rows (dicts keyed by column name) as parquet, sorted, via a temp file and a rename."""
+    write_arrow_table_atomic(pa.Table.from_pylist(rows, schema=schema), path, sort_by)
+
+
+def write_arrow_table_atomic(table: pa.Table, path: Path, sort_by: list[str]) -> None:
+    """Write a table as parquet, sorted, via a temp file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows, schema=schema)
     if len(table):
         table = table.sort_by([(column, "ascending") for column in sort_by])
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -315,3 +320,40 @@ def committed_state(out_dir: Path) -> dict[str, Any]:
 
 def read_table(out_dir: Path, name: str = CLIPS_TABLE) -> pa.Table:
     return pq.read_table(Path(out_dir) / TABLES_DIR / name)
+
+
+def merge_tables_atomic(parts: list[Path], path: Path,
+                        transform: Callable[[int, pa.Table], pa.Table] | None = None) -> int:
+    """Concatenate parquet files (one per partition, in order) into ``path`` via a temp file and a rename, one
+    part in memory at a time (a row group each), so memory does not grow with the dataset. Empty parts are
+    skipped; the schema is the first non-empty part's (a part without rows may lack model-dependent columns), or
+    the first part's when all are empty. ``transform(part_number, table)`` may rewrite a part's table before it is
+    written (e.g. a column naming a per-partition file). Returns the rows written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schemas = [pq.read_schema(part) for part in parts]
+    counts = [pq.read_metadata(part).num_rows for part in parts]
+    schema = next((schema for schema, count in zip(schemas, counts, strict=True) if count), schemas[0])
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    rows = 0
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for number, (part, count) in enumerate(zip(parts, counts, strict=True)):
+                if not count:
+                    continue
+                table = pq.read_table(part)
+                if transform is not None:
+                    table = transform(number, table)
+                writer.write_table(table.cast(schema))
+                rows += len(table)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return rows

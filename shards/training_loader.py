@@ -13,7 +13,9 @@ in the clip (Hallo's recipe). A stage reads only what it needs:
 Cached members are used when the clip has them and decoding falls back otherwise (``prefer_cached``):
 ``latents.npy`` instead of decoding the mp4, ``wav2vec.npy`` instead of running the audio encoder in the loop,
 ``vocals.wav`` instead of ``wav``. Missing emotion/AU/description inputs are simply absent
-from the batch; the loop substitutes zeros and logs it once.
+from the batch; the loop substitutes zeros and logs it once. A cached ``wav2vec.npy`` whose stored hidden states
+(the clip json's ``audio.wav2vec.layers``) are not the ones the model reads (``WindowSpec.wav2vec_layers``) stops
+the run with ``Wav2VecLayersMismatch``: every clip of such shards would be wrong in the same way.
 
 A batch (``collate_windows``, all windows of one batch from one DataLoader worker) is a dict of tensors:
 
@@ -21,7 +23,7 @@ A batch (``collate_windows``, all windows of one batch from one DataLoader worke
     latents       float32 (B, M+T, 4, h, w)    scaled SD-VAE latents, when cached
     reference     uint8 (B, 3, S, S) or reference_latents float32 (B, 4, h, w)
     audio         float32 (B, (M+T) * 640)     16 kHz waveform of the window (vocals when present)
-    wav2vec       float32 (B, M+T, L, D)       when cached
+    wav2vec       float32 (B, M+T, L, D)       when cached (L: the stored hidden states, checked)
     first_frame   int64 (B,)                   source index of the window's first frame
     emotion.*     the arrays of ``emotion.npz`` (text_probs (B, 7), ..., va_values (B, K, 3), va_embedding)
     aus           float32 (B, T, N_AU);  description float32 (B, 77, 768)
@@ -107,6 +109,9 @@ class WindowSpec:
     # frames for a2m, the clip frames otherwise); 1 keeps it off the target itself (paper section 4: "one frame
     # ... as the reference frame and another as the target frame"); 0 draws it anywhere (Hallo).
     min_reference_distance: int = 0
+    # The wav2vec 2.0 hidden states the model reads (``DataShapes.wav2vec_hidden_states``): cached features that
+    # hold others are refused. None: not checked.
+    wav2vec_layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.stage not in STAGE_NEEDS:
@@ -138,6 +143,34 @@ class WindowSpec:
 
 class TrainingDataError(RuntimeError):
     """The training data cannot be trusted: an epoch gave no window, or skipped too many of its samples."""
+
+
+class Wav2VecLayersMismatch(TrainingDataError):
+    """A shard's cached wav2vec features hold other hidden states than the model reads."""
+
+
+def stored_wav2vec_layers(meta: dict[str, Any], stored_shape: Sequence[int]) -> tuple[int, ...]:
+    """The hidden-state indices a clip's ``wav2vec.npy`` holds, from its json (``audio.wav2vec.layers``).
+
+    Shards written before that entry existed stored every hidden state, in order: 0..K-1 for K stored."""
+    layers = ((meta.get("audio") or {}).get("wav2vec") or {}).get("layers")
+    if layers is None:
+        return tuple(range(stored_shape[1]))
+    if len(layers) != stored_shape[1]:
+        raise ClipDecodeError(f"wav2vec.npy holds {stored_shape[1]} hidden states, its json lists {len(layers)}")
+    return tuple(int(layer) for layer in layers)
+
+
+def check_wav2vec_layers(meta: dict[str, Any], stored_shape: Sequence[int], spec: WindowSpec, where: str) -> None:
+    """Raise ``Wav2VecLayersMismatch`` when the stored hidden states are not those ``spec`` needs."""
+    stored = stored_wav2vec_layers(meta, stored_shape)
+    if spec.wav2vec_layers is None or stored == tuple(spec.wav2vec_layers):
+        return
+    raise Wav2VecLayersMismatch(
+        f"{where}: the cached wav2vec features hold hidden states {list(stored)} (the clip json's "
+        f"audio.wav2vec.layers), the model reads {list(spec.wav2vec_layers)} (model config "
+        f"data.wav2vec_layers={len(spec.wav2vec_layers)}). Preprocess again with audio.wav2vec.layers set to the "
+        "model's (None: all), or train with prefer_cached=false to run the audio encoder on the clips' audio")
 
 
 @dataclass
@@ -215,6 +248,8 @@ class TrainingWindows(torch.utils.data.IterableDataset):
                     continue
                 try:
                     windows.append(decode(sample, random.Random(f"{self.seed}-{split}-{index}")))
+                except Wav2VecLayersMismatch:  # not a bad clip: shards made for another model
+                    raise
                 except Exception as error:  # one bad clip never stops training (too many do: check_epoch)
                     problem = f"clip {sample.get('__key__')!r} in {sample.get('__url__')}: {error}"
                     self.skipped(ClipDecodeError(problem))
@@ -328,6 +363,8 @@ def decode_window(sample: dict[str, Any], rng: random.Random, *, spec: WindowSpe
     if "audio" in spec.needs:
         if spec.prefer_cached and WAV2VEC_MEMBER in sample:
             features = load_npy(sample[WAV2VEC_MEMBER])
+            check_wav2vec_layers(meta, features.shape, spec, f"clip {sample.get('__key__')!r} in "
+                                 f"{sample.get('__url__')}")
             window["wav2vec"] = torch.from_numpy(features[start:start + count].astype(np.float32))
         speech = sample.get(VOCALS_MEMBER, sample.get(schema.AUDIO_MEMBER))
         audio = decode_wav(speech)
@@ -391,5 +428,5 @@ def data_loader(dataset: TrainingWindows, num_workers: int) -> torch.utils.data.
                                        multiprocessing_context="forkserver" if num_workers else None)
 
 
-__all__ = ["EMOTION_ARRAYS", "STAGE_NEEDS", "TrainingDataError", "TrainingWindows", "WindowSpec", "collate_windows",
-           "data_loader", "decode_window"]
+__all__ = ["EMOTION_ARRAYS", "STAGE_NEEDS", "TrainingDataError", "TrainingWindows", "Wav2VecLayersMismatch",
+           "WindowSpec", "collate_windows", "data_loader", "decode_window", "stored_wav2vec_layers"]

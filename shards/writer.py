@@ -18,10 +18,12 @@ One writer per shard directory at a time: a run removes the temp files that it f
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -306,3 +308,53 @@ def remove_stale_shards(shard_dir: Path, n_shards: int) -> list[Path]:
         log.info("removing stale %s", path.name)
         path.unlink(missing_ok=True)
     return stale
+
+
+def publish_shards(parts: Sequence[tuple[Path, Sequence[ShardManifest]]], shard_dir: Path) -> list[ShardManifest]:
+    """Publish shards written elsewhere (each partition's own ``shards/``) as one numbered set in ``shard_dir``.
+
+    Each part's shards keep their order and are renumbered consecutively after the previous part's. A tar is
+    hard-linked, not copied (same file system: no byte is stored twice; otherwise copied), through a temp name and
+    a rename, so a published name never holds a partial file and a rewritten partition tar (a new file) never
+    changes a published one. A published tar that already is the same file is left as it is. Manifests are
+    written after their tars, index.json last; stale shards and leftover temp files are removed."""
+    shard_dir = Path(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(shard_dir)
+    (shard_dir / INDEX_NAME).unlink(missing_ok=True)
+    manifests: list[ShardManifest] = []
+    for part_dir, part_manifests in parts:
+        for local in part_manifests:
+            manifest = replace(local, index=len(manifests), reused=False)
+            source, target = Path(part_dir) / local.tar_name, shard_dir / manifest.tar_name
+            manifest_path = shard_dir / manifest.manifest_name
+            if not (target.exists() and os.path.samefile(source, target)):
+                manifest_path.unlink(missing_ok=True)  # the "done" marker goes before its tar changes
+                _link_or_copy(source, target)
+            if not (manifest_path.is_file() and manifest_path.read_bytes() == encode_json(manifest.to_json())):
+                write_atomically(manifest_path, encode_json(manifest.to_json()))
+            manifests.append(manifest)
+    remove_stale_shards(shard_dir, n_shards=len(manifests))
+    fsync_path(shard_dir)
+    write_atomically(shard_dir / INDEX_NAME, encode_json(index_json(manifests)))
+    return manifests
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` becomes ``source``'s content, atomically: a hard link (a copy across file systems) under a temp
+    name, then a rename over ``target``."""
+    temp_path = target.with_name(temp_name(target.name, os.getpid()))
+    temp_path.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, temp_path)
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            shutil.copyfile(source, temp_path)
+            with open(temp_path, "rb") as file:
+                os.fsync(file.fileno())
+        os.replace(temp_path, target)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise

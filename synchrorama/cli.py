@@ -220,7 +220,7 @@ def build_tiny_models_command(
     """Build the tiny models of the real classes that profile 'tiny' uses (offline, once; their numbers mean
     nothing). Preprocessing with profile 'tiny' also builds them on first use."""
     from preprocess.stage_models import TINY_DIR
-    from synchrorama.tiny_models import build_tiny_models
+    from tiny_models.build import build_tiny_models
 
     path = build_tiny_models(out or TINY_DIR)
     console.print(f"tiny models in [bold]{path}[/bold] (random weights: their outputs MEAN NOTHING)")

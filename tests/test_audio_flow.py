@@ -117,13 +117,21 @@ def test_second_run_loads_each_model_once_and_does_no_audio_work(run):
     shards = {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")}
     stage_models.clear_cache()
     loads = dict(stage_models.load_count)
-    preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny", overrides=overrides)
-    # the flow's preflight loads every active model once (a broken setup fails before any clip); no stage reloads
-    active = active_models(load_settings("tiny", overrides))
+    # every partition is finished: nothing to do, so no model is loaded at all
+    summary = preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny", overrides=overrides)
+    assert summary["n_partitions_reused"] == summary["n_partitions"]
+    assert {kind: stage_models.load_count.get(kind, 0) - loads.get(kind, 0) for kind in stage_models.KINDS} == {
+        kind: 0 for kind in stage_models.KINDS}
+    assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")} == shards
+    # other partitions (one clip each) are all new: the preflight loads every active model once (a broken setup
+    # fails before any clip), no stage reloads one, and every stage's output comes from the cache (the pieces are
+    # re-cut: their files went into the shards and were pruned from work/)
+    repartitioned = {**overrides, "partitions": {"max_clips": 1}}
+    preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny", overrides=repartitioned)
+    active = active_models(load_settings("tiny", repartitioned))
     assert {kind: stage_models.load_count.get(kind, 0) - loads.get(kind, 0) for kind in stage_models.KINDS} == {
         kind: int(kind in active) for kind in stage_models.KINDS}
     timings = _rows(out, STAGE_TIMINGS_TABLE)
     assert {"speech_activity", "separate", "transcribe", "text_emotion", "speech_emotion", "valence_arousal", "wav2vec",
             "action_units", "describe", "text_embedding", "latents"} <= {row["stage"] for row in timings}
-    assert all(row["cached"] for row in timings)
-    assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")} == shards
+    assert all(row["cached"] for row in timings if row["stage"] != "cut")

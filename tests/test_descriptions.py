@@ -8,7 +8,7 @@ import pytest
 
 from preprocess.describe import DEFAULT_PROMPT, TransformersCaptioner, sample_frames_uniformly
 from preprocess.text_embedding import DescriptionEncoder
-from synchrorama.tiny_vision_models import build_tiny_captioner, build_tiny_sd_text_encoder
+from tiny_models.vision import build_tiny_captioner, build_tiny_sd_text_encoder
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from preprocess.latents import FrameLatentEncoder, psnr
 from preprocess.media import count_video_frames, iter_rgb_frames
 from synchrorama.sample_data import make_talking_video
-from synchrorama.tiny_vision_models import build_tiny_sd_vae
+from tiny_models.vision import build_tiny_sd_vae
 
 # The tiny VAE reaches about 26 dB on these frames; the same config with random weights about 11 dB.
 MIN_PSNR_DB = 20.0

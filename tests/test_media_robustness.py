@@ -229,3 +229,119 @@ def test_a_standardise_past_its_limit_raises_instead_of_rejecting(sources, tmp_p
                          limits=MediaTimeouts(base_s=0.5, per_media_s=0.0))
     assert time.monotonic() - started < 5.0
     assert not _no_process_left(sources["damaged"].name)
+
+
+# ---------------------------------------------------------------- one decode: the encode streams its frames
+
+
+def _unique_copy(source: Path, folder: Path) -> Path:
+    """The source under a unique name, for the process checks to look for."""
+    copy = folder / f"source-{uuid.uuid4().hex[:8]}.mp4"
+    copy.write_bytes(source.read_bytes())
+    return copy
+
+
+@pytest.mark.timeout(120)
+def test_the_streamed_encode_counts_the_same_decode_errors_and_gives_every_frame(sources, tmp_path):
+    """The damaged range with a frame consumer: the same decode-error note as the encode alone, the same clip
+    bytes, and one consumed frame per encoded frame."""
+    at = _damaged_time_s(sources["damaged"], sources["offset"])
+    start = max(0.0, at - 1.0)
+    settings = load_settings("default").standardise.model_copy(update={"preset": "ultrafast",
+                                                                        "max_decode_errors": 1000})
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "streamed").mkdir()
+    alone = standardise_clip(str(sources["damaged"]), start, 4.0, CROP, settings, tmp_path / "alone")
+    frames = []
+    streamed = standardise_clip(str(sources["damaged"]), start, 4.0, CROP, settings, tmp_path / "streamed",
+                                frame_consumer=lambda frame: frames.append(frame.shape))
+    assert isinstance(streamed, StandardisedClip), streamed
+    assert streamed.notes == alone.notes and any(note.startswith("decode_errors:") for note in streamed.notes)
+    assert len(frames) == streamed.n_frames >= 100 and set(frames) == {(512, 512, 3)}
+    assert (tmp_path / "streamed" / "clip.mp4").read_bytes() == (tmp_path / "alone" / "clip.mp4").read_bytes()
+    assert (tmp_path / "streamed" / "clip.wav").read_bytes() == (tmp_path / "alone" / "clip.wav").read_bytes()
+
+
+@pytest.mark.timeout(120)
+def test_a_streamed_encode_rejects_the_damaged_source_like_the_encode_alone(sources, tmp_path):
+    settings = load_settings("default").standardise.model_copy(update={"preset": "ultrafast"})
+    consumed = []
+    result = standardise_clip(str(sources["damaged"]), 0.0, SECONDS, CROP, settings, tmp_path,
+                              frame_consumer=lambda frame: consumed.append(1))
+    assert isinstance(result, Rejection) and (result.stage, result.reason) == ("standardise", "decode_errors")
+    assert len(consumed) == pytest.approx(SECONDS * 25, abs=2)
+    assert not list(tmp_path.iterdir())  # no media left behind
+    assert not _no_process_left(sources["damaged"].name)
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_frame_consumer_stops_ffmpeg_at_once(sources, tmp_path):
+    source = _unique_copy(sources["clean"], tmp_path)
+    settings = load_settings("default").standardise.model_copy(update={"preset": "ultrafast"})
+
+    def consumer(frame):
+        raise ValueError("the face mesh crashed")
+
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="the face mesh crashed"):
+        standardise_clip(str(source), 0.0, SECONDS, CROP, settings, tmp_path, frame_consumer=consumer)
+    assert time.monotonic() - started < 10.0  # not the 60 s clip's whole encode
+    assert not _no_process_left(source.name)
+
+
+@pytest.mark.timeout(60)
+def test_an_encoder_killed_mid_stream_is_a_transient_failure_not_a_hang(sources, tmp_path):
+    """SIGKILL to the ffmpeg that encodes and streams (the OOM killer's way): the stream ends, the kill is judged
+    a MediaToolKilled (retried next run, never a cached rejection), nothing is left running."""
+    import signal
+
+    from preprocess.media import MediaToolKilled
+
+    source = _unique_copy(sources["clean"], tmp_path)
+    settings = load_settings("default").standardise.model_copy(update={"preset": "ultrafast"})
+
+    def kill_the_encoder(frame):
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and source.name in _cmdline(entry):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+    started = time.monotonic()
+    with pytest.raises(MediaToolKilled, match="SIGKILL") as raised:
+        standardise_clip(str(source), 0.0, SECONDS, CROP, settings, tmp_path, frame_consumer=kill_the_encoder)
+    assert not isinstance(raised.value, FfmpegError)
+    assert time.monotonic() - started < 10.0
+    assert not _no_process_left(source.name)
+
+
+def _cmdline(entry: Path) -> str:
+    try:
+        return (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_frame_consumer_does_not_count_against_the_encode_limit(sources, tmp_path):
+    settings = load_settings("default").standardise.model_copy(update={"preset": "ultrafast"})
+    limits = MediaTimeouts(base_s=2.0, per_media_s=0.0)
+    consumed = []
+
+    def slow(frame):
+        time.sleep(0.3)  # 10 frames x 0.3 s = 3 s of consumer time, over the 2 s limit
+        consumed.append(1)
+
+    result = standardise_clip(str(sources["clean"]), 0.0, 0.4, CROP, settings, tmp_path, limits=limits,
+                              frame_consumer=slow)
+    assert isinstance(result, StandardisedClip) and result.n_frames == len(consumed) == 10
+
+
+@pytest.mark.timeout(60)
+def test_a_streamed_encode_past_its_limit_is_killed(sources, tmp_path):
+    source = _unique_copy(sources["clean"], tmp_path)
+    settings = load_settings("default").standardise.model_copy(update={"preset": "ultrafast"})
+    started = time.monotonic()
+    with pytest.raises(FfmpegTimeout, match="standardising the clip"):
+        standardise_clip(str(source), 0.0, SECONDS, CROP, settings, tmp_path,
+                         limits=MediaTimeouts(base_s=0.5, per_media_s=0.0), frame_consumer=lambda frame: None)
+    assert time.monotonic() - started < 5.0
+    assert not _no_process_left(source.name)

@@ -1,5 +1,5 @@
 """The tiny audio models are the default models, smaller: built from copies of the real configuration files
-(synchrorama/real_configs) with only size keys changed, loaded by the stages' own loaders as the default models
+(tiny_models/real_configs) with only size keys changed, loaded by the stages' own loaders as the default models
 are (Demucs through get_model as a BagOfModels); the SER embedding is what its classification head reads; a
 model revision is honoured or refused, never ignored."""
 
@@ -20,8 +20,7 @@ import yaml
 from preprocess.settings import ModelChoice, load_settings
 from preprocess.speech_emotion import SPEECH_EMOTION_FILE, classify_speech, head_input_dim, model_labels
 from preprocess.stage_models import TINY_DIR, LoadedModel, ModelNotFoundError, load_model
-from synchrorama.real_configs import IGNORED_KEYS, load_real_json, real_config_dir, size_only_differences
-from synchrorama.tiny_models import (
+from tiny_models.build import (
     REAL_DEMUCS,
     REAL_SPEECH_EMOTION,
     REAL_TEXT_EMOTION,
@@ -30,6 +29,7 @@ from synchrorama.tiny_models import (
     REAL_WHISPER,
     real_demucs_package,
 )
+from tiny_models.real_configs import IGNORED_KEYS, load_real_json, real_config_dir, size_only_differences
 
 RATE = 16000
 # stage kind -> (real configuration folder, class the stage's loader returns)

@@ -1,5 +1,5 @@
 """The visual stages' tiny models are the default models made smaller: built from copies of the real configuration
-files (``synchrorama/real_configs/``) with only size keys changed, of the same model and processor classes; and the
+files (``tiny_models/real_configs/``) with only size keys changed, of the same model and processor classes; and the
 default captioner's processor builds on this CPU install (no torchvision)."""
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ import shutil
 import numpy as np
 import pytest
 
-from synchrorama import tiny_vision_models
-from synchrorama.real_configs import (
+from tiny_models import vision as tiny_vision_models
+from tiny_models.real_configs import (
     SIZE_KEYS,
     added_tokens_in_order,
     load_real_json,
     real_config_dir,
     size_only_differences,
 )
-from synchrorama.tiny_vision_models import QWEN_VL, SD15
+from tiny_models.vision import QWEN_VL, SD15
 
 QWEN_REAL_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer_config.json",
                    "chat_template.json")
@@ -26,7 +26,7 @@ QWEN_REAL_FILES = ("config.json", "generation_config.json", "preprocessor_config
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The captioner and the SD 1.5 text encoder, as ``synchrorama.tiny_models`` builds them (about a second)."""
+    """The captioner and the SD 1.5 text encoder, as ``tiny_models`` builds them (about a second)."""
     root = tmp_path_factory.mktemp("tiny")
     tiny_vision_models.build_tiny_captioner(root / "captioner")
     tiny_vision_models.build_tiny_sd_text_encoder(root / "sd15")

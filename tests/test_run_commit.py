@@ -117,7 +117,8 @@ CHILD = """
         # the shards (and index.json) are written; SIGKILL leaves no chance to clean up
         os.kill(os.getpid(), signal.SIGKILL)
 
-    write_outputs.write_table_atomic = die_before_the_first_table
+    # the publish's first table (the partitions' own tables were written before)
+    write_outputs.merge_tables_atomic = die_before_the_first_table
     from flows.preprocess import preprocess
     preprocess(dataset="folder", raw_dir=sys.argv[1], out_dir=sys.argv[2], profile="tiny", limit=1)
 """
@@ -230,14 +231,15 @@ def test_an_index_entry_that_is_not_a_bare_shard_name_is_reported_and_never_open
 
 
 def test_a_duplicate_id_or_a_refused_sample_becomes_a_rejection_not_a_crash(raw, out):
-    from flows.preprocess import process_clips
     from preprocess.discover import discover_candidates
+    from preprocess.partitions import process_candidates
+    from preprocess.pipeline import Workspace
     from preprocess.settings import load_settings
     from preprocess.write_outputs import write_outputs
 
     settings = load_settings("tiny", None, dataset="folder")
     candidates, issues = discover_candidates("folder", raw)
-    outcomes = process_clips(candidates, settings, str(out))  # all cached: no stage work
+    outcomes = process_candidates(candidates, settings, Workspace(out))  # all cached but the cut pieces
     anna, bert = sorted((outcome for outcome in outcomes if outcome.kept), key=lambda outcome: outcome.clip_id)
     # the same id again from another file (discovery de-duplicates; this is the writer's safety net), and a clip
     # whose id the shard schema refuses

@@ -101,7 +101,7 @@ def test_a_task_past_its_time_limit_is_failed_not_waited_on(raw, tmp_path, monke
             time.sleep(0.05)
         raise AssertionError("not interrupted")
 
-    monkeypatch.setattr(pipeline, "track_faces", slow_face_tracking)
+    monkeypatch.setattr(pipeline, "_linked_frame_analysis", slow_face_tracking)
     out = tmp_path / "out"
     started = time.monotonic()
     preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny",

@@ -104,6 +104,28 @@ def test_content_score_is_zero_for_a_repeat_and_high_for_a_hard_cut():
     assert content_score(first, cut) >= 27  # PySceneDetect's default threshold
 
 
+def test_the_frame_quality_meter_scores_exactly_as_pyscenedetect_s_figure(tmp_path):
+    """The meter's uint8 OpenCV path (inside standardise's decode) gives content_score's int16 figure, bit for bit,
+    also for the extremes (0 against 255, hue 0 against 179) and random pictures; frame 0 scores 0."""
+    from preprocess.frame_quality import FrameQualityMeter
+    from preprocess.settings import FrameQualitySettings
+
+    rng = np.random.default_rng(7)
+    frames = [*_frames([(0.1, "blue", 1.0, 0), (0.1, "amber", 1.3, 40)]),
+              rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8), np.zeros((HEIGHT, WIDTH, 3), np.uint8),
+              np.full((HEIGHT, WIDTH, 3), 255, np.uint8), np.zeros((HEIGHT, WIDTH, 3), np.uint8)]
+    frames[-1][..., 0] = 255  # pure red: hue 0, next to the random picture's hues up to 179
+    settings = FrameQualitySettings()
+    meter = FrameQualityMeter(CLIP_FPS, settings)
+    for frame in frames:
+        meter.add(frame, None)
+    hsv = [hsv_frame(frame, settings.analysis_size) for frame in frames]
+    expected = [0.0] + [content_score(previous, current) for previous, current in zip(hsv, hsv[1:], strict=False)]
+    quality = meter.save(tmp_path)
+    np.testing.assert_array_equal(np.load(tmp_path / quality.content_scores), np.asarray(expected, np.float32))
+    assert max(expected) > 100  # the extremes were exercised
+
+
 def test_find_cuts_applies_threshold_and_min_shot_length():
     scores = np.zeros(100)
     scores[[10, 20, 30, 50]] = [40, 26.9, 27.0, 60]

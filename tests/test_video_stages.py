@@ -13,11 +13,23 @@ import soundfile
 
 from preprocess.cache import StageCache
 from preprocess.crop import choose_crop_box
+from preprocess.discover import folder_candidates
 from preprocess.face_models import mesh_landmarks, new_face_mesh
 from preprocess.faces import track_faces
 from preprocess.filters import judge_piece, piece_stats, plan_pieces
+from preprocess.frame_quality import CONTENT_SCORES_FILE, SHARPNESS_FILE
 from preprocess.head_pose import head_pose_from_landmarks, rotation_matrix
 from preprocess.locate import FaceSurvey, survey_faces
+from preprocess.media import iter_rgb_frames, run_ffmpeg
+from preprocess.pipeline import (
+    Workspace,
+    run_faces,
+    run_locate,
+    run_probe,
+    run_select,
+    run_standardise,
+    start_job,
+)
 from preprocess.probe import probe_video
 from preprocess.records import Candidate, CropBox
 from preprocess.settings import load_settings
@@ -152,7 +164,10 @@ def test_standardise_normalises_awkward_inputs(variant, tmp_path):
     probe = _probe(source)
     side = min(probe.width, probe.height) // 2 * 2
     box = CropBox(0, 0, side, side)
-    clip = standardise_clip(str(source), 0.0, 2.0, box, SETTINGS.standardise, tmp_path)
+    consumed = []  # the face mesh's view: one frame per encoded frame, whatever the source's oddities
+    clip = standardise_clip(str(source), 0.0, 2.0, box, SETTINGS.standardise, tmp_path,
+                            frame_consumer=lambda frame: consumed.append(frame.shape))
+    assert len(consumed) == clip.n_frames and set(consumed) == {(512, 512, 3)}
     stream, = _ffprobe(tmp_path / clip.video)
     assert (stream["width"], stream["height"], stream["avg_frame_rate"], stream["pix_fmt"]) == (512, 512, "25/1", "yuv420p")
     assert abs(clip.n_frames - 50) <= 1  # a VFR source's last frame may end just short of 2.0 s
@@ -187,14 +202,20 @@ def test_streams_that_start_apart_stay_aligned_with_the_picture(tmp_path):
 
     # a picture that starts 1 s after the audio: its first frame is held for that second
     (tmp_path / "v").mkdir()
+    consumed = []
     clip = standardise_clip(str(_shifted(source, "video", tmp_path / "late_video.mp4")), 0.0, 3.0, box,
-                            SETTINGS.standardise, tmp_path / "v")
+                            SETTINGS.standardise, tmp_path / "v",
+                            frame_consumer=lambda frame: consumed.append(frame.mean(axis=2)))
     import av
 
     with av.open(str(tmp_path / "v" / clip.video)) as container:
         frames = [f.to_ndarray(format="gray").astype(float) for f in container.decode(video=0)]
     change = lambda i, j: float(np.abs(frames[i] - frames[j]).mean())  # noqa: E731
     assert change(0, 22) < 1.0 < 5.0 < change(30, 55), (change(0, 22), change(30, 55))
+    # the frames the face mesh got are the clip's, the held first second included
+    assert len(consumed) == len(frames) == clip.n_frames
+    seen = lambda i, j: float(np.abs(consumed[i] - consumed[j]).mean())  # noqa: E731
+    assert seen(0, 22) < 1.0 < 5.0 < seen(30, 55), (seen(0, 22), seen(30, 55))
     audio, rate = soundfile.read(tmp_path / "v" / clip.audio)
     assert rms(audio[: int(0.9 * rate)]) > 1e-2  # the tone is there from the start
 
@@ -212,3 +233,67 @@ def test_a_folder_dataset_finds_every_common_video_container_and_nothing_else(tm
         ["a.mp4", "a.avi", "b.flv", "c.ts", "d.M4V", "e.mpg", "sub/f.wmv", "sub/g.3gp"])
     ids = [c.candidate_id for c in candidates]
     assert len(set(ids)) == len(ids) and "sub__f" in ids
+
+
+# ---------------------------------------------------------------- one decode for the encode and the face mesh
+
+
+def test_the_face_mesh_sees_the_clips_own_frames_in_order(tmp_path):
+    """A source whose every frame differs (testsrc's moving pattern and counter, 30 fps -> 25 fps): the frame the
+    consumer got at index f is the decoded clip's frame f (closer to it than to any other frame), and the clip is
+    the bytes the encode alone writes."""
+    source = tmp_path / "pattern.mp4"
+    run_ffmpeg(["-f", "lavfi", "-i", "testsrc=size=640x360:rate=30:duration=2", "-f", "lavfi", "-i",
+                "sine=duration=2", "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac",
+                "-shortest", source], purpose="writing the pattern source")
+    box = CropBox(100.0, 20.0, 320.0, 320.0)
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "streamed").mkdir()
+    alone = standardise_clip(str(source), 0.3, 1.5, box, SETTINGS.standardise, tmp_path / "alone")
+    consumed = []
+    streamed = standardise_clip(str(source), 0.3, 1.5, box, SETTINGS.standardise, tmp_path / "streamed",
+                                frame_consumer=lambda frame: consumed.append(frame.astype(np.int16)))
+    assert (tmp_path / "streamed" / "clip.mp4").read_bytes() == (tmp_path / "alone" / "clip.mp4").read_bytes()
+    assert streamed == alone
+    decoded = np.stack(list(iter_rgb_frames(tmp_path / "streamed" / "clip.mp4", width=512, height=512)))
+    assert len(consumed) == len(decoded) == streamed.n_frames >= 37
+    for index, frame in enumerate(consumed):
+        distances = np.abs(decoded.astype(np.int16) - frame).mean(axis=(1, 2, 3))
+        assert int(np.argmin(distances)) == index
+        assert distances[index] < 3.0  # only x264's CRF 18 loss between the two
+
+
+@pytest.mark.timeout(300)
+def test_face_landmarks_come_from_standardise_s_decode_and_match_a_second_decode(frontal_video, tmp_path):
+    """run_faces picks up the landmarks the face mesh made inside standardise (hard links, no second copy); they
+    match, frame for frame, the landmarks of a second decode of clip.mp4 (the two-decode design) up to x264's
+    loss; frame quality is there for every frame too."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "frontal.mp4").symlink_to(frontal_video)
+    workspace = Workspace(tmp_path / "out")
+    job = start_job(folder_candidates(raw)[0], workspace)
+    for stage in (run_probe, run_locate, run_standardise, run_faces):
+        job = stage(job, SETTINGS, workspace)
+    assert job.rejection is None, job.rejection
+    clip_dir = workspace.cache.entry_dir("standardise", job.standardise_key)
+    faces_dir = workspace.cache.entry_dir("faces", job.faces_key)
+    n_frames = job.standardised.n_frames
+    assert job.faces.n_frames == n_frames == 125
+    for name in (job.faces.landmarks, job.faces.pose):
+        assert (faces_dir / name).stat().st_ino == (clip_dir / name).stat().st_ino  # linked, not copied
+    landmarks = np.load(faces_dir / job.faces.landmarks).astype(np.float32)
+    assert landmarks.shape == (n_frames, 478, 3)
+
+    again = track_faces(clip_dir / job.standardised.video, 512, SETTINGS.faces, tmp_path)
+    second = np.load(tmp_path / again.landmarks).astype(np.float32)
+    assert second.shape == landmarks.shape and np.isfinite(second).all() and np.isfinite(landmarks).all()
+    pixels = np.abs(second[..., :2] - landmarks[..., :2]) * 512
+    assert np.median(pixels) < 0.5 and pixels.mean(axis=(1, 2)).max() < 2.0, (np.median(pixels), pixels.max())
+
+    [piece] = run_select(job, SETTINGS, workspace)
+    assert piece.kept, piece.rejection
+    quality = next(timing for timing in piece.job.timings if timing.stage == "frame_quality")
+    assert not quality.cached
+    scores, sharpness = np.load(clip_dir / CONTENT_SCORES_FILE), np.load(clip_dir / SHARPNESS_FILE)
+    assert scores.shape == sharpness.shape == (n_frames,) and np.isfinite(sharpness[::5]).all()

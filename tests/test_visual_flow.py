@@ -21,7 +21,7 @@ from shards.validate import validate_shards
 
 KEPT = {"talk": 100, "quiet": 100}  # clip id -> frames (4 s at 25 fps)
 MIN_TINY_VAE_PSNR_DB = 22.0  # the briefly trained tiny VAE; an untrained one stays far below
-TINY_TEXT_HIDDEN = 32  # hidden size of the tiny SD text encoder (synchrorama.tiny_vision_models)
+TINY_TEXT_HIDDEN = 32  # hidden size of the tiny SD text encoder (tiny_models.vision)
 
 
 def _rows(out, table) -> list[dict]:

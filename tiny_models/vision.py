@@ -1,7 +1,7 @@
 """Tiny models for the visual/semantic stages: the default models' real configuration files with only sizes changed.
 
-Each builder starts from the copies of the default model's real files in ``synchrorama/real_configs/`` and changes
-only size keys (``synchrorama.real_configs.with_sizes``): widths, depths, head counts, the vocabulary and the
+Each builder starts from the copies of the default model's real files in ``tiny_models/real_configs/`` and changes
+only size keys (``tiny_models.real_configs.with_sizes``): widths, depths, head counts, the vocabulary and the
 token ids that follow from it, the image processor's pixel budget. Class, processor class, activations, norms,
 chat template, generation settings and every other flag stay the real ones, and the files are written in the
 layout of the hub repositories, so loading a tiny model runs the code path that loading the real one runs:
@@ -26,9 +26,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from synchrorama.real_configs import load_real_json, renumber_added_tokens, with_sizes
+from tiny_models.real_configs import load_real_json, renumber_added_tokens, with_sizes
 
-QWEN_VL = "qwen2.5-vl-3b-instruct"  # synchrorama/real_configs/<name>
+QWEN_VL = "qwen2.5-vl-3b-instruct"  # tiny_models/real_configs/<name>
 SD15 = "stable-diffusion-v1-5"
 
 CAPTION_CORPUS = [

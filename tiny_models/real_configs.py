@@ -1,9 +1,9 @@
 """Copies of the default models' real configuration files, and the rule that makes a tiny model "the real one, smaller".
 
-``synchrorama/real_configs/<name>/`` holds, for each default model, the small public files that decide its
+``tiny_models/real_configs/<name>/`` holds, for each default model, the small public files that decide its
 class and code path (``config.json``, the preprocessor / feature-extractor / tokenizer configs, Demucs' and
 Whisper's model arguments), written from the model cards and repositories. The tiny models
-(``synchrorama.tiny_models``) are built from these files with only *size* keys changed, so the tests run the
+(``tiny_models``) are built from these files with only *size* keys changed, so the tests run the
 code path that the ``default`` profile runs: same class, same processor class, same flags (weighted layer sum,
 normalisation, sampling rate, label maps).
 

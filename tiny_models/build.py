@@ -1,7 +1,7 @@
 """Tiny models of the very classes the pipeline loads, built offline (random, except the VAE).
 
 The audio models are built from copies of the default models' real configuration files
-(``synchrorama/real_configs/<name>/``, see ``synchrorama.real_configs``) with only size keys changed (widths,
+(``tiny_models/real_configs/<name>/``, see ``tiny_models.real_configs``) with only size keys changed (widths,
 depths, head counts, vocabulary): same class, same flags (weighted layer sum, layer-norm feature encoder,
 feature-extractor normalisation and attention mask, label maps), and their processor files are the real ones,
 copied verbatim. ``build_tiny_models(directory)`` writes, under ``directory``:
@@ -33,7 +33,7 @@ They exercise every code path (same classes, same loaders, same shapes apart fro
 frame stride of the wav2vec-style feature encoders) in seconds on a CPU, with no network. Their numbers mean
 nothing. The weights come from fixed seeds, so two builds hold the same models.
 
-    python -m synchrorama.tiny_models DIR
+    python -m tiny_models DIR
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-from synchrorama.real_configs import load_real_json, real_config_dir, with_sizes
+from tiny_models.real_configs import load_real_json, real_config_dir, with_sizes
 
 VERSION = 6  # bump when a tiny model changes: it is rebuilt, and the tiny profile's cache keys include it
-README = f"""Tiny RANDOM models (synchrorama.tiny_models, version {VERSION}).
+README = f"""Tiny RANDOM models (tiny_models.build, version {VERSION}).
 They have the classes, flags and processor files of the real default models (built from copies of their
 configuration files with only sizes changed) but random weights: every number they produce
 (transcripts, emotions, valence/arousal, wav2vec features, descriptions, text embeddings, AV sync) MEANS NOTHING;
@@ -59,7 +59,7 @@ the tiny VAE only learned to reconstruct a few synthetic images. For tests and t
 TEXT_EMOTION_LABELS = ("anger", "disgust", "fear", "joy", "neutral", "sadness", "surprise")
 SPEECH_EMOTION_LABELS = ("neu", "hap", "ang", "sad")  # superb/hubert-large-superb-er's labels
 
-# The real configuration files each audio model is built from (synchrorama/real_configs/<name>/).
+# The real configuration files each audio model is built from (tiny_models/real_configs/<name>/).
 REAL_DEMUCS = "htdemucs"
 REAL_WHISPER = "whisper-small"
 REAL_TEXT_EMOTION = "emotion-english-distilroberta-base"
@@ -234,13 +234,13 @@ def _build_syncnet(out: Path) -> None:
 
 
 def _build_captioner(out: Path) -> None:
-    from synchrorama.tiny_vision_models import build_tiny_captioner
+    from tiny_models.vision import build_tiny_captioner
 
     build_tiny_captioner(out)
 
 
 def _build_sd15(out: Path) -> None:
-    from synchrorama.tiny_vision_models import build_tiny_sd_text_encoder, build_tiny_sd_vae
+    from tiny_models.vision import build_tiny_sd_text_encoder, build_tiny_sd_vae
 
     build_tiny_sd_text_encoder(out)
     build_tiny_sd_vae(out)
@@ -283,7 +283,7 @@ def build_tiny_models(directory: str | Path) -> Path:
         # A .gitignore one level up keeps the built weights out of git without touching the project's own.
         ignore = directory.parent / ".gitignore"
         if not ignore.exists():
-            ignore.write_text("# built by synchrorama.tiny_models\n*\n")
+            ignore.write_text("# built by tiny_models.build\n*\n")
         tmp = directory.parent / f".tmp-{directory.name}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
@@ -310,7 +310,7 @@ def build_tiny_models(directory: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m synchrorama.tiny_models DIR", file=sys.stderr)
+        print("usage: python -m tiny_models DIR", file=sys.stderr)
         return 2
     path = build_tiny_models(argv[0])
     print(f"tiny random models in {path} (their outputs mean nothing; for tests and the demo)")
