@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from synchrorama.prefect_server import is_healthy  # noqa: E402
+from synchrorama.prefect_server import start_server  # noqa: E402
 from synchrorama.sample_data import make_talking_video  # noqa: E402
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -103,21 +103,14 @@ def main() -> None:
 
     home = work / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
+    os.environ.update(PREFECT_HOME=str(home), HF_HUB_OFFLINE="1")
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url, "HF_HUB_OFFLINE": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    server_env = {key: value for key, value in env.items() if key != "PREFECT_API_URL"}
-    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=REPO,
-                              env=server_env, stdout=open(work / "server.log", "wb"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    server = start_server(work / "server.log", port=port, timeout_s=300)
     serving = None
     try:
         deadline = time.monotonic() + 300
-        while not is_healthy(api_url):
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit(f"the Prefect server did not start; see {work / 'server.log'}")
-            time.sleep(0.5)
         serving = subprocess.Popen([sys.executable, "-m", "flows.serve", "--profile", "tiny"], cwd=REPO, env=env,
                                    stdout=open(work / "serve.log", "wb"), stderr=subprocess.STDOUT,
                                    start_new_session=True)

@@ -42,6 +42,7 @@ from preprocess.pipeline import (
     ClipJob,
     PieceOutcome,
     Workspace,
+    _model_identity,
     run_faces,
     run_locate,
     run_piece_stage_batch,
@@ -52,7 +53,7 @@ from preprocess.pipeline import (
 )
 from preprocess.records import Candidate, Rejection
 from preprocess.settings import ModelChoice, PreprocessSettings
-from preprocess.stage_models import local_path
+from preprocess.stage_models import is_tiny_reference, local_path
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +117,15 @@ def _stat_signature(path: str | None) -> list | None:
 
 
 def partition_key(partition: Partition, settings: PreprocessSettings) -> str:
-    """What decides a partition's outputs (see the module docstring)."""
-    from preprocess.pipeline import _model_identity  # the stages' own model identity (tiny builder version)
-
+    """What decides a partition's outputs (see the module docstring); models as the stages' keys know them."""
     candidates = [[asdict(candidate), _stat_signature(candidate.source), _stat_signature(candidate.audio_source),
                    _stat_signature(candidate.annotation_file)] for candidate in partition.candidates]
     models = {kind: _model_identity(choice) if isinstance(choice, ModelChoice) else choice
               for kind, choice in settings.models}
-    sync_weights = local_path(settings.models.sync_expert.model)
+    # a retrained sync expert at the same path is a new model (its stage key hashes the file's content); a tiny one
+    # is covered by the builder's version in its identity, and may not be built yet when the run plans
+    sync_reference = settings.models.sync_expert.model
+    sync_weights = None if is_tiny_reference(sync_reference) else local_path(sync_reference)
     return stable_hash("partition", PARTITION_VERSION, STAGE_VERSIONS, candidates,
                        settings.model_dump(mode="json", exclude=EXECUTION_SETTINGS), models,
                        _stat_signature(str(sync_weights)) if sync_weights else None)

@@ -256,21 +256,27 @@ def write_arrow_table_atomic(table: pa.Table, path: Path, sort_by: list[str]) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     if len(table):
         table = table.sort_by([(column, "ascending") for column in sort_by])
+    _write_through_temp(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def _write_through_temp(path: Path, write: Callable[[Path], Any]) -> Any:
+    """``write(tmp)`` a file next to ``path``, fsync it, rename it over ``path`` and fsync the directory (the rename
+    lives there: without it a power cut can bring back the old table); returns what ``write`` returned."""
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        pq.write_table(table, tmp)
+        written = write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    # the rename lives in the directory: without this a power cut can bring back the old table
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
+    return written
 
 
 def remove_table_leftovers(tables_dir: Path) -> list[Path]:
@@ -333,9 +339,9 @@ def merge_tables_atomic(parts: list[Path], path: Path,
     schemas = [pq.read_schema(part) for part in parts]
     counts = [pq.read_metadata(part).num_rows for part in parts]
     schema = next((schema for schema, count in zip(schemas, counts, strict=True) if count), schemas[0])
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    rows = 0
-    try:
+
+    def concatenate(tmp: Path) -> int:
+        rows = 0
         with pq.ParquetWriter(tmp, schema) as writer:
             for number, (part, count) in enumerate(zip(parts, counts, strict=True)):
                 if not count:
@@ -345,15 +351,6 @@ def merge_tables_atomic(parts: list[Path], path: Path,
                     table = transform(number, table)
                 writer.write_table(table.cast(schema))
                 rows += len(table)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return rows
+        return rows
+
+    return _write_through_temp(path, concatenate)
