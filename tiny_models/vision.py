@@ -241,7 +241,7 @@ def build_tiny_sd_vae(out: Path) -> None:
     for the tests to show that the latent cache is right. It starts as a box-filter autoencoder (latent = 5 x
     the 8x8 mean colour, decoded by three bilinear x2 upsamplings; see ``_box_filter_init``), then is fine-tuned
     for 300 steps (~30 s on 2 CPU cores, reproducible) on 64 px crops of scikit-image photos (astronaut,
-    chelsea, coffee) and of frames rendered by ``synchrorama.sample_data.render_frames`` (what
+    chelsea, coffee) and of frames rendered by ``tiny_models.scenes.render_frames`` (what
     ``make_talking_video`` encodes). On 512x512 frames of a generated talking video it reaches about 26 dB PSNR
     (random weights of the same config: about 11 dB). It has seen nothing but these synthetic images for seconds:
     its latents mean nothing beyond the tests. Run it in float32: in bfloat16 its large constant channels cost
@@ -270,7 +270,7 @@ def _vae_training_images() -> list:
     """uint8 RGB images: three scikit-image photos and frames of the generated talking-face scenes."""
     from skimage import data as skimage_data
 
-    from synchrorama.sample_data import render_frames
+    from tiny_models.scenes import render_frames
 
     images = [skimage_data.astronaut(), skimage_data.chelsea(), skimage_data.coffee()]
     for layout, variant in (("single", 0), ("pair", 1), ("single", 3)):
