@@ -87,6 +87,15 @@ def _entry_files(directory: Path) -> dict[str, int]:
             for path in sorted(directory.rglob("*")) if path.is_file() and path.name != RESULT_FILE}
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` holds ``source``'s bytes: a hard link (no byte stored twice: cache entries are never changed in
+    place once renamed into place), or a copy where the file system refuses one."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 class StageCache:
     def __init__(self, root: Path):
         self.root = Path(root)

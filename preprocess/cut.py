@@ -9,13 +9,12 @@ failure of this stage is a verdict on the source.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import soundfile
 
+from preprocess.cache import link_or_copy
 from preprocess.faces import LANDMARKS_FILE, POSE_FILE
 from preprocess.media import count_video_frames, run_ffmpeg
 from preprocess.settings import MediaTimeouts, StandardiseSettings
@@ -31,7 +30,7 @@ def cut_piece(
         # the whole clip: the same bytes, linked rather than copied (cache entries are never changed in place)
         for source, name in ((clip_dir, VIDEO_FILE), (clip_dir, AUDIO_FILE), (faces_dir, LANDMARKS_FILE),
                              (faces_dir, POSE_FILE)):
-            _link_or_copy(source / name, out_dir / name)
+            link_or_copy(source / name, out_dir / name)
         return {"n_frames": n_frames}
     run_ffmpeg([
         "-i", clip_dir / VIDEO_FILE, "-vf", f"trim=start_frame={start}:end_frame={end},setpts=PTS-STARTPTS",
@@ -50,11 +49,3 @@ def cut_piece(
     np.save(out_dir / LANDMARKS_FILE, np.load(faces_dir / LANDMARKS_FILE)[start:end])
     np.save(out_dir / POSE_FILE, np.load(faces_dir / POSE_FILE)[start:end])
     return {"n_frames": end - start}
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link (no byte stored twice), or a copy where the file system refuses one."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)

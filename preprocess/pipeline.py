@@ -25,8 +25,6 @@ import functools
 import json
 import logging
 import math
-import os
-import shutil
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -36,7 +34,7 @@ import numpy as np
 
 from model.syncnet import SIZE_SUFFIX as SYNC_SIZE_SUFFIX
 from preprocess.action_units import AUBackend, ExportedAUs, GeometricAUs
-from preprocess.cache import StageCache, file_fingerprint, stable_hash
+from preprocess.cache import StageCache, file_fingerprint, link_or_copy, stable_hash
 from preprocess.crop import choose_crop
 from preprocess.cut import cut_piece
 from preprocess.describe import sample_frames_uniformly
@@ -388,10 +386,7 @@ def _linked_frame_analysis(workspace: Workspace, standardise_key: str, part: str
     if stored[part]["kind"] == "ok":
         clip_dir = workspace.cache.entry_dir("standardise", standardise_key)
         for name in files:
-            try:
-                os.link(clip_dir / name, out_dir / name)
-            except OSError:
-                shutil.copyfile(clip_dir / name, out_dir / name)
+            link_or_copy(clip_dir / name, out_dir / name)
     return stored[part]
 
 

@@ -30,8 +30,6 @@ the shifted ``clip.wav``), so every later stage and the shard read the corrected
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +43,7 @@ from model.syncnet import (  # the expert's files: one convention, in the model'
     save_sync_expert,
     sync_offset,
 )
+from preprocess.cache import link_or_copy
 from preprocess.faces import LANDMARKS_FILE, POSE_FILE
 from preprocess.media import iter_rgb_frames
 from preprocess.settings import MediaTimeouts, SyncSettings
@@ -122,13 +121,6 @@ def _decide(offset: int, confidence: float, constant: bool, spread: list[int],
     return "corrected", None
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link (the cache is one file system; the cut's files never change), else a copy."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
-
 
 def check_sync(piece_dir: Path, model: SyncNetV2, settings: SyncSettings, out_dir: Path, *, clip_size: int,
                fps: int, batch_size: int = 20, limits: MediaTimeouts | None = None) -> SyncCheck:
@@ -148,7 +140,7 @@ def check_sync(piece_dir: Path, model: SyncNetV2, settings: SyncSettings, out_di
     if decision == "corrected":
         shift = measure.offset_frames
         for name in (VIDEO_FILE, LANDMARKS_FILE, POSE_FILE):
-            _link_or_copy(piece_dir / name, out_dir / name)
+            link_or_copy(piece_dir / name, out_dir / name)
         soundfile.write(out_dir / AUDIO_FILE, shift_audio(audio, shift, sample_rate // fps), sample_rate,
                         subtype="PCM_16")
         written = AUDIO_FILE
