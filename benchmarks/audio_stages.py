@@ -1,6 +1,6 @@
 """Throughput of each audio model stage, in audio-seconds per wall-second, on generated speech + music.
 
-Runs the stages as the flow does (``preprocess.pipeline.run_*``, from a fresh cache, one clip at a time, models
+Runs the stages as the flow does (``preprocess.pipeline.run_stage``, from a fresh cache, one clip at a time, models
 loaded before timing so that load time is excluded and printed separately). With ``--profile tiny`` (the
 default) the tiny random models run on CPU: the numbers measure the pipeline's overhead, not real models. With
 ``--profile default`` the real models run when they are in the local caches (else the missing-model error says
@@ -23,11 +23,17 @@ import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
 import torch  # noqa: E402
 
-from preprocess.pipeline import AUDIO_STAGE_FUNCTIONS, AUDIO_STAGES, ClipJob, PieceOutcome, Workspace  # noqa: E402
-from preprocess.records import Candidate  # noqa: E402
-from preprocess.settings import load_settings  # noqa: E402
-from preprocess.stage_models import load_model  # noqa: E402
-from preprocess.standardise import AUDIO_FILE, StandardisedClip  # noqa: E402
+from preprocess.pipeline import (  # noqa: E402
+    AUDIO_STAGES,
+    ClipJob,
+    PieceOutcome,
+    Workspace,
+    load_model,  # noqa: E402
+    run_stage,
+)
+from preprocess.run.records import Candidate  # noqa: E402
+from preprocess.run.settings import load_settings  # noqa: E402
+from preprocess.video.standardise import AUDIO_FILE, StandardisedClip  # noqa: E402
 from synchrorama.sample_data import speech_wav  # noqa: E402
 
 MODEL_OF_STAGE = {"separate": "separation", "transcribe": "transcription", "text_emotion": "text_emotion",
@@ -84,7 +90,7 @@ def main() -> None:
                                  content_key=f"bench-{index}")
             for stage in AUDIO_STAGES:
                 started = time.perf_counter()
-                piece = AUDIO_STAGE_FUNCTIONS[stage](piece, settings, workspace)
+                piece = run_stage(stage, piece, settings, workspace)
                 stage_seconds[stage] += time.perf_counter() - started
                 assert piece.kept, piece.rejection
             audio_seconds += n_frames / 25

@@ -7,9 +7,9 @@ Random weights and synthetic, data-shaped batches (nothing to download): the ful
 (SD 1.5-size UNets, ``model/config.full_config``), SD's VAE architecture and the loss experts, stage 2's
 trainable set, batch 4 per GPU of 2 motion + 14 clip frames at 512x512 (64x64 latents), bf16 autocast over
 fp32 weights, gradient checkpointing, DDP over NCCL, fused AdamW, every stage-2 loss on, through the same
-``Objective``, generators and collectives as ``model/train.py``. Batches are made on the host in a
+``Objective``, generators and collectives as ``model/training/train.py``. Batches are made on the host in a
 background thread and copied to the GPU, so "data wait" is the loop's wait for them (a real loader's figure
-comes from ``benchmarks/train_loader.py``). MFU counts model FLOPs (``model.train.model_flops``: no
+comes from ``benchmarks/train_loader.py``). MFU counts model FLOPs (``model.training.train.model_flops``: no
 recomputation); HFU counts what ran. Then rank 0 generates one clip-length video with 40 DDIM steps.
 Without a CUDA device it says so and exits with status 2 at once. Under 10 minutes on one H100/H200 (the
 first steps include cuDNN autotuning; only the later ones are timed).
@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 
 
 def synthetic_batches(cfg, batch_size: int, seed: int, pinned: bool):
-    """An endless stream of data-shaped batches (``model.batch.fake_batch``), made on the host."""
-    from model.batch import fake_batch
+    """An endless stream of data-shaped batches (``model.training.batch.fake_batch``), made on the host."""
+    from model.training.batch import fake_batch
 
     index = seed
     while True:
@@ -46,8 +46,8 @@ def synthetic_batches(cfg, batch_size: int, seed: int, pinned: bool):
 
 
 def map_batch(batch, function):
-    from model.batch import TrainingBatch
     from model.emotion_embedding import EmotionFeatures
+    from model.training.batch import TrainingBatch
 
     moved = {k: function(v) for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
     return TrainingBatch(**moved, emotion=EmotionFeatures(*(function(v) for v in vars(batch.emotion).values())))
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     from model.pipeline import TalkingFacePipeline
     from model.schedule import train_scheduler
     from model.synchrorama import SynchroRamaModel
-    from model.train import GPU_BF16_PEAK_TFLOPS, Objective, mean_over_ranks, model_flops
-    from model.training_step import StepOptions
+    from model.training.train import GPU_BF16_PEAK_TFLOPS, Objective, mean_over_ranks, model_flops
+    from model.training.training_step import StepOptions
 
     torchrun = "RANK" in os.environ
     if torchrun:

@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/memory_stage2.py [--batch-size 4]
 
-Prints the breakdown of ``model.memory_estimate.estimate_training_memory`` (bf16 autocast, fp32 master
+Prints the breakdown of ``model.training.memory_estimate.estimate_training_memory`` (bf16 autocast, fp32 master
 weights, AdamW and EMA) with every memory measure on, then with each one off. No GPU and no weights needed;
 about a minute on a CPU. The figures are recorded in docs/model.md, "Memory".
 """
@@ -13,7 +13,7 @@ import argparse
 import time
 
 from model.config import full_config
-from model.memory_estimate import estimate_training_memory
+from model.training.memory_estimate import estimate_training_memory
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ captioning, CLIP text, VAE latents) it times, from a fresh cache with the models
 
 - ``batch 1``: every model at batch_size 1, one piece at a time (what the stages did before batching);
 - ``alone``: the configured batch sizes, one piece at a time (each forward pass filled to batch_size rows with
-  copies, ``preprocess.batching``: what a piece costs when it is redone on its own);
+  copies, ``preprocess.run.batching``: what a piece costs when it is redone on its own);
 - ``batched``: the configured batch sizes, all pieces in one ``run_piece_stage_batch`` call (a partition);
 
 prints wall and CPU time per piece (the speed-up is of CPU time, batch 1 over batched), and checks that
@@ -33,18 +33,18 @@ import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
 import torch  # noqa: E402
 
-from preprocess.cache import FILES_KEY, RESULT_FILE  # noqa: E402
 from preprocess.pipeline import (  # noqa: E402
-    PIECE_STAGE_FUNCTIONS,
     ClipJob,
     PieceOutcome,
     Workspace,
+    load_model,  # noqa: E402
     run_piece_stage_batch,
+    run_stage,
 )
-from preprocess.records import Candidate  # noqa: E402
-from preprocess.settings import load_settings  # noqa: E402
-from preprocess.stage_models import load_model  # noqa: E402
-from preprocess.standardise import VIDEO_FILE  # noqa: E402
+from preprocess.run.cache import FILES_KEY, RESULT_FILE  # noqa: E402
+from preprocess.run.records import Candidate  # noqa: E402
+from preprocess.run.settings import load_settings  # noqa: E402
+from preprocess.video.standardise import VIDEO_FILE  # noqa: E402
 
 STAGE_MODELS = {"text_emotion": "text_emotion", "valence_arousal": "valence_arousal", "describe": "captioning",
                 "text_embedding": "text_encoder", "latents": "vae"}
@@ -135,7 +135,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         pieces = make_pieces(Path(scratch) / "pieces", args.pieces, args.seconds, args.size)
         for stage, kind in STAGE_MODELS.items():
-            function = PIECE_STAGE_FUNCTIONS[stage]
             times, cpu_times, results = {}, {}, {}
             for settings in (one_by_one, configured):  # warm-up: the first forward passes of a shape are slower
                 run_piece_stage_batch(stage, pieces[:2], settings, Workspace(Path(scratch) / f"{stage}-warm"))
@@ -147,7 +146,7 @@ def main() -> None:
                 if batched:
                     results[name] = run_piece_stage_batch(stage, pieces, settings, workspace)
                 else:
-                    results[name] = [function(piece, settings, workspace) for piece in pieces]
+                    results[name] = [run_stage(stage, piece, settings, workspace) for piece in pieces]
                 times[name] = (time.perf_counter() - started) / len(pieces)
                 cpu_times[name] = (time.process_time() - cpu_started) / len(pieces)
             same = identical(results["alone"], results["batched"], stage)

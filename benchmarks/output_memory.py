@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 CHILD = textwrap.dedent("""
     import json, resource, sys, time
     from pathlib import Path
-    from preprocess.settings import load_settings
-    from preprocess.write_outputs import PARTITION_MARKER, publish_partitions
+    from preprocess.run.settings import load_settings
+    from preprocess.run.outputs import PARTITION_MARKER, publish_partitions
 
     out, scratch, wanted = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -72,11 +72,11 @@ def step_benchmark(size: str, stage: str, batch_size: int, steps: int = 5) -> di
     """Time, peak memory and MFU of optimizer steps on a fake batch (random weights: speed only)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from model.batch import fake_batch
     from model.experts import LossExperts
     from model.schedule import train_scheduler
     from model.synchrorama import SynchroRamaModel
-    from model.train import GPU_BF16_PEAK_TFLOPS, Objective
+    from model.training.batch import fake_batch
+    from model.training.train import GPU_BF16_PEAK_TFLOPS, Objective
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -84,7 +84,7 @@ def step_benchmark(size: str, stage: str, batch_size: int, steps: int = 5) -> di
     if stage == "stage1":  # image pairs
         cfg = dataclasses.replace(cfg, clip_frames=1, motion_frames=0)
     if size == "tiny":
-        from model.tiny_components import tiny_vae
+        from model.training.tiny_components import tiny_vae
         vae = tiny_vae(cfg)
     else:
         from diffusers import AutoencoderKL

@@ -25,21 +25,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from preprocess.discover import folder_candidates
-from preprocess.media import run_ffmpeg
+from preprocess.datasets.video_files import folder_candidates
 from preprocess.pipeline import (
     Workspace,
-    run_faces,
-    run_locate,
-    run_probe,
     run_select,
-    run_standardise,
+    run_stage,
     start_job,
 )
-from preprocess.settings import load_settings
+from preprocess.run.media import run_ffmpeg
+from preprocess.run.settings import load_settings
 from synchrorama.sample_data import make_talking_video
 
-STAGES = (("probe", run_probe), ("locate", run_locate), ("standardise", run_standardise), ("faces", run_faces))
+STAGES = ("probe", "locate", "standardise", "faces")
 
 
 def cpu_seconds() -> float:
@@ -67,8 +64,8 @@ def main() -> None:
         warm_up, *candidates = sorted(folder_candidates(raw), key=lambda candidate: candidate.source)
         workspace = Workspace(scratch / "out")
         job = start_job(warm_up, workspace)
-        for _, stage in STAGES:
-            job = stage(job, settings, workspace)
+        for stage in STAGES:
+            job = run_stage(stage, job, settings, workspace)
         run_select(job, settings, workspace)
 
         # Baseline and pipeline alternate clip by clip so that load from other processes hits both alike.
@@ -78,9 +75,9 @@ def main() -> None:
         for candidate in candidates:
             started, cpu_started = time.perf_counter(), cpu_seconds()
             job = start_job(candidate, workspace)
-            for name, stage in STAGES:
+            for name in STAGES:
                 t0, cpu0 = time.perf_counter(), cpu_seconds()
-                job = stage(job, settings, workspace)
+                job = run_stage(name, job, settings, workspace)
                 stage_seconds[name] += time.perf_counter() - t0
                 stage_cpu[name] += cpu_seconds() - cpu0
             t0, cpu0 = time.perf_counter(), cpu_seconds()

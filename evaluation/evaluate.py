@@ -9,11 +9,11 @@ noted) and both are cut to the shorter frame count (noted). Per clip, as ``evalu
 - PSNR, SSIM, LPIPS: frame against frame, mean over frames;
 - FID, FVD, E-FID: also per clip (frames, 16-frame windows, frames as samples: small-sample and biased, only
   for finding outliers; FVD needs two windows, i.e. 32 frames); the aggregate pools every clip's features;
-- AU F1: the preprocessing AU estimator (``preprocess.pipeline.au_backend``) on both clips' face meshes;
+- AU F1: the preprocessing AU estimator (``preprocess.visual.action_units.au_backend``) on both clips' face meshes;
 - Sync: ``model.syncnet.sync_offset`` (the project's one SyncNet) on the generated clip's frames (the whole
   frame is the face crop, as in the training clips) and its own audio track;
 - CCC_V / CCC_A: the preprocessing valence-arousal model, which is AUDIO-based (audEERING's wav2vec2 on 2 s
-  windows, hop 1 s; ``preprocess.valence_arousal``), run on each clip's own audio track (not Demucs-separated,
+  windows, hop 1 s; ``preprocess.audio.valence_arousal``), run on each clip's own audio track (not Demucs-separated,
   unlike preprocessing). A generated clip carries its driving audio, so when that is the ground truth's audio
   these CCCs are ~1 and only say that the audio track survived; the paper's CCC is presumably face-based, which
   needs a face valence-arousal model this project does not have. Per clip over its windows; the aggregate is
@@ -136,7 +136,7 @@ def read_audio(path: Path) -> np.ndarray | None:
 
 def face_landmarks(frames: np.ndarray) -> np.ndarray:
     """MediaPipe face mesh in video mode (478 points), NaN rows where no face is found: ``(T, 478, 3)``."""
-    from preprocess.face_models import mesh_landmarks, new_face_mesh
+    from preprocess.video.face_models import mesh_landmarks, new_face_mesh
 
     mesh = new_face_mesh(video_mode=True, refine_landmarks=True)
     try:
@@ -166,9 +166,9 @@ class Evaluators:
 
 
 def load_evaluators(settings: EvaluationSettings, expression: ExpressionExtractor | None = None) -> Evaluators:
-    from preprocess.pipeline import au_backend
-    from preprocess.settings import load_settings
-    from preprocess.stage_models import load_model
+    from preprocess.pipeline import load_model
+    from preprocess.run.settings import load_settings
+    from preprocess.visual.action_units import au_backend
 
     if settings.is_tiny:
         build_tiny_networks(settings)
@@ -205,7 +205,7 @@ def load_evaluators(settings: EvaluationSettings, expression: ExpressionExtracto
                                                  is not None else f"the ground-truth clip's {settings.au_quantile} "
                                                  "quantile per AU"),
         "Sync": sync_ref + f"; public SyncNet evaluation over +/-{settings.sync_max_shift} frames",
-        "CCC_V/CCC_A": f"AUDIO-based VA model {va.reference} (preprocess.valence_arousal, "
+        "CCC_V/CCC_A": f"AUDIO-based VA model {va.reference} (preprocess.audio.valence_arousal, "
                        f"{settings.va_window_s or 'the preprocessing'} s windows, half-window hop) on each clip's "
                        "own audio track",
     }
@@ -231,8 +231,8 @@ class ClipFeatures:
 
 def _va_windows(ev: Evaluators, audio: np.ndarray | None, work: Path) -> np.ndarray:
     """(windows, 2) valence, arousal of the audio; (0, 2) when there is none."""
-    from preprocess.settings import load_settings
-    from preprocess.valence_arousal import valence_arousal_windows
+    from preprocess.audio.valence_arousal import valence_arousal_windows
+    from preprocess.run.settings import load_settings
 
     if audio is None or not len(audio):
         return np.zeros((0, 2))

@@ -2,11 +2,11 @@
 [28], which take 3DMM expression parameters from Deep3DFaceRecon [4]).
 
 That face-reconstruction model is not available here, so the default extractor, ``MeshExpression``, defines
-expression coefficients from the MediaPipe face mesh the project already runs (``preprocess.face_models``),
+expression coefficients from the MediaPipe face mesh the project already runs (``preprocess.video.face_models``),
 exactly as follows, per frame t of a clip:
 
 1. pose removed: the 478 landmarks are rotated into the face's own frame and centred on their mean
-   (``preprocess.head_pose.frontalise``: x across the eyes, y chin to forehead, z out of the face);
+   (``preprocess.video.head_pose.frontalise``: x across the eyes, y chin to forehead, z out of the face);
 2. scale removed: divided by that frame's inter-ocular distance (outer eye corners 33 and 263), then x100, so
    a coefficient is in percent of the eye span;
 3. identity normalised: the clip's per-landmark median shape (over its frames with a face) is subtracted, so
@@ -29,7 +29,7 @@ from typing import Protocol
 
 import numpy as np
 
-from preprocess.head_pose import LEFT_EYE_OUTER, RIGHT_EYE_OUTER, frontalise
+from preprocess.video.head_pose import LEFT_EYE_OUTER, RIGHT_EYE_OUTER, frontalise
 
 # MediaPipe face-mesh indices (subject's right / left)
 EXPRESSION_LANDMARKS = (

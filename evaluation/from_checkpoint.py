@@ -9,10 +9,10 @@ Per clip of the shards (read by ``shards.reader.clip_dataset``, manifests verifi
 - ground truth ``out/ground_truth/<clip id>.mp4``: the shard's own H.264 stream copied bit for bit (no
   re-encoding, so the ground-truth pixels are the shard's) with the shard's ``clip.wav`` muxed in as AAC;
 - reference ``out/work/<clip id>/reference.png``: the clip's first frame (512x512 in the shards;
-  ``model.generate.reference_image`` scales it to the model's resolution);
+  ``model.generation.generate.reference_image`` scales it to the model's resolution);
 - driving audio ``out/work/<clip id>/audio.wav``: the shard's ``clip.wav`` (16 kHz mono, ``T * 640`` samples for
   ``T`` frames), written back as 16-bit PCM (lossless: the shards store 16-bit PCM);
-- generated ``out/generated/<clip id>.mp4`` (+ ``.json``) by ``model.generate.generate_video``, the code behind
+- generated ``out/generated/<clip id>.mp4`` (+ ``.json``) by ``model.generation.generate.generate_video``, the code behind
   ``synchrorama generate``: the driving audio goes through the preprocessing stages again (loudness, Demucs,
   emotion, wav2vec) exactly as for any user's audio, and the description is the captioner's for the reference.
 
@@ -28,7 +28,7 @@ means the mp4 is complete.
 Deviations: the whole clip is generated (the paper does not say which length it evaluates); the description is
 the captioner's, not the shard's (the protocol names only image and audio; the shards' descriptions were made
 from the clip's moving frames, which a generation from one image does not have). The generator is loaded once
-for all clips (``model.generate.load_generator`` keeps the last one), the preprocessing models once per process.
+for all clips (``model.generation.generate.load_generator`` keeps the last one), the preprocessing models once per process.
 
 What is recorded next to the metric settings (``table.md``, ``evaluation.json``, both parquet files): the
 checkpoint folder, its step, stage and model size, the sha256 of ``model.safetensors`` from the checkpoint's
@@ -63,7 +63,7 @@ GROUND_TRUTH_DIR, GENERATED_DIR, WORK_DIR = "ground_truth", "generated", "work"
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """What ``model.generate.generate_video`` is called with (see its docstring); recorded with the numbers."""
+    """What ``model.generation.generate.generate_video`` is called with (see its docstring); recorded with the numbers."""
 
     steps: int | None = None  # DDIM steps; None: the recipe's (40 for the full model)
     seed: int = 0  # noise seed, the same for every clip
@@ -86,7 +86,7 @@ def a2m_untrained(checkpoint: Path, weights: str) -> bool | None:
 
     keys = ("a2m.decoder_out.weight", "a2m.decoder_out.bias")
     found = {}
-    # the EMA file, when used, overrides the raw weights it holds (as model.generate.load_generator does)
+    # the EMA file, when used, overrides the raw weights it holds (as model.generation.generate.load_generator does)
     for name in ("model.safetensors", *(("ema.safetensors",) if weights == "ema" else ())):
         path = checkpoint / name
         if not path.is_file():
@@ -100,8 +100,8 @@ def a2m_untrained(checkpoint: Path, weights: str) -> bool | None:
 
 def checkpoint_record(checkpoint: str | Path, generation: GenerationSettings) -> dict:
     """What the evaluated checkpoint is: folder, step, stage, size, weights sha256, A2M state, warnings."""
-    from model.generate import GenerateError, checkpoint_config, find_checkpoint
-    from model.train import MANIFEST
+    from model.generation.generate import GenerateError, checkpoint_config, find_checkpoint
+    from model.training.train import MANIFEST
     from shards.schema import file_sha256
 
     try:
@@ -167,7 +167,7 @@ def first_frame(mp4: bytes) -> np.ndarray:
 
 def write_ground_truth(mp4: bytes, wav: Path, path: Path) -> None:
     """The shard's video stream copied as is, with its audio as AAC (an mp4 carries no PCM well)."""
-    from preprocess.media import run_ffmpeg
+    from preprocess.run.media import run_ffmpeg
 
     video = wav.with_name("video.mp4")
     video.write_bytes(mp4)
@@ -200,7 +200,7 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, out: str | P
                         expression: ExpressionExtractor | None = None) -> EvaluationResult:
     """Generate each shard clip (see the module docstring) into ``out/generated``, write its ground truth into
     ``out/ground_truth``, then evaluate the two folders into ``out``."""
-    from model.generate import GenerateError, generate_video
+    from model.generation.generate import GenerateError, generate_video
     from shards.reader import clip_dataset
 
     if limit is not None and limit < 1:

@@ -152,7 +152,7 @@ def au_activation(generated: np.ndarray, truth: np.ndarray, quantile: float | No
 
     ``threshold`` (an absolute intensity, e.g. 0.5 on a learned detector's FACS 0-5 scale) when given; otherwise
     the ground-truth clip's per-AU ``quantile`` (e.g. 0.7) is the threshold for both clips. The geometric AUs of
-    ``preprocess.action_units`` are unitless proxies with no neutral baseline, so an absolute threshold would
+    ``preprocess.visual.action_units`` are unitless proxies with no neutral baseline, so an absolute threshold would
     mean different things for different faces; the same per-clip threshold applied to both clips asks "is the
     generated face doing more of this action at the frames where the real one does?"."""
     if threshold is not None:

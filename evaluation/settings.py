@@ -1,10 +1,10 @@
 """Evaluation settings: which feature networks (local paths) and which thresholds made each number.
 
-Profiles, as in ``preprocess.settings``: ``default`` names the real weights under ``.models/eval/`` (where
+Profiles, as in ``preprocess.run.settings``: ``default`` names the real weights under ``.models/eval/`` (where
 docs/evaluation.md says to put them; any local path can be given instead); ``tiny`` names tiny networks of the
 same classes with random weights, built on first use under ``.models/tiny/eval`` by ``build_tiny_networks``:
 their numbers MEAN NOTHING (a smoke test of the machinery). The AU estimator and the valence-arousal model are
-the preprocessing ones, chosen by ``preprocess_profile`` (``preprocess.settings``).
+the preprocessing ones, chosen by ``preprocess_profile`` (``preprocess.run.settings``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from evaluation import networks
-from preprocess.settings import _deep_merge
-from preprocess.stage_models import REPO_ROOT, TINY_DIR
+from preprocess.run.model_loading import REPO_ROOT, TINY_DIR
+from preprocess.run.settings import _deep_merge
 
 EVAL_MODELS_DIR = ".models/eval"
 TINY_EVAL_DIR = TINY_DIR / "eval"

@@ -8,7 +8,7 @@
   ``engine.address``.
 
 Dask and Ray run each task in a worker process: the task, its arguments and its result are pickled, every worker
-loads the models it needs once (``preprocess.stage_models``), and every worker must see ``out_dir`` at the same
+loads the models it needs once (``preprocess.run.model_loading``), and every worker must see ``out_dir`` at the same
 path (shared storage on a multi-machine cluster, docs/scale.md). dask, distributed and ray are imported only when
 selected, so the default engine needs neither installed.
 
@@ -36,7 +36,7 @@ from typing import Any
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from preprocess.settings import EngineSettings, machine_cores
+from preprocess.run.settings import EngineSettings, machine_cores
 
 
 def engine_workers(engine: EngineSettings, default_workers: int | None = None) -> int:

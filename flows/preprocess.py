@@ -1,5 +1,5 @@
 """The ``preprocess`` Prefect flow: discovers candidate clips, splits them into partitions and runs each partition
-through four stage groups, one Prefect task each (issue 13; ``preprocess.partitions``).
+through four stage groups, one Prefect task each (issue 13; ``preprocess.run.partitions``).
 
 Partitions, not clips, are the unit of orchestration: ``partitions.max_clips`` candidates (or
 ``partitions.max_seconds`` of annotated video) each, so a dataset's task-run count grows with its partitions
@@ -15,15 +15,15 @@ shows the share of partitions through it.
 No global barrier: a partition goes on to its model groups as soon as its video group is done, while other
 partitions are still decoding, so CPU and GPU work overlap. At most ``workers`` CPU tasks (video, write) and
 ``gpu_slots`` model-group tasks run at once; finishing started partitions comes before starting new ones, which
-bounds the work in flight. The stages know nothing of Prefect and do their own caching (``preprocess.cache``), so
+bounds the work in flight. The stages know nothing of Prefect and do their own caching (``preprocess.run.cache``), so
 a rerun redoes only the partitions without a valid marker, and inside them only the stages whose outputs are
 missing. The engine (threads, Dask or Ray) comes from ``settings.engine`` (``flows.engines``).
 
-One run per out_dir: the flow holds ``synchrorama.run_lock``'s lock on the out_dir from before any clean-up
+One run per out_dir: the flow holds ``shards.output_lock``'s lock on the out_dir from before any clean-up
 to the end, so a second run there (``serve(limit=2)`` makes a double trigger easy) fails at once with
 ``OutputLocked``. A run that fails before publishing (a model that cannot load, too many stage failures, no
 candidates, no clip kept while shards are published) leaves every published file as it was; publishing is one
-run-level commit (``preprocess.write_outputs.publish_partitions``) that ``synchrorama validate`` checks.
+run-level commit (``preprocess.run.outputs.publish_partitions``) that ``synchrorama validate`` checks.
 
 Callable without a server, as a plain function::
 
@@ -50,9 +50,17 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.engines import build_task_runner, engine_workers, gpu_resources
 from flows.gpu_limit import ensure_gpu_limit
-from preprocess.discover import DATASETS, discover_candidates, looked_for
-from preprocess.failures import RunFailed, check_failure_shares, is_environment_error
-from preprocess.partitions import (
+from preprocess.datasets.discover import DATASETS, discover_candidates, looked_for
+from preprocess.pipeline import run_model_group, run_video_group
+from preprocess.run.failures import RunFailed, check_failure_shares, is_environment_error
+from preprocess.run.job import ClipJob, PieceOutcome, Workspace
+from preprocess.run.outputs import (
+    TINY_MODELS_WARNING,
+    publish_partitions,
+    tiny_model_stages,
+    write_partition,
+)
+from preprocess.run.partitions import (
     GPU_GROUPS,
     STAGE_GROUPS,
     Partition,
@@ -64,22 +72,13 @@ from preprocess.partitions import (
     plan_partitions,
     prune_work,
     remove_stale_partitions,
-    run_model_group,
-    run_video_group,
 )
-from preprocess.pipeline import ClipJob, PieceOutcome, Workspace
-from preprocess.preflight import load_active_models
-from preprocess.records import Rejection
-from preprocess.settings import PreprocessSettings, load_settings
-from preprocess.write_outputs import (
-    TINY_MODELS_WARNING,
-    publish_partitions,
-    tiny_model_stages,
-    write_partition,
-)
+from preprocess.run.preflight import load_active_models
+from preprocess.run.records import Rejection
+from preprocess.run.settings import PreprocessSettings, load_settings
+from shards.output_lock import hold_output_lock
 from shards.schema import SHARD_NAME_PATTERN
 from shards.tables import SHARDS_DIR
-from synchrorama.run_lock import hold_output_lock
 
 # Our own cache (in out_dir) decides what is redone, so Prefect's result cache is off for every task.
 _stage = {"cache_policy": NONE, "persist_result": False}
@@ -92,7 +91,7 @@ def load_models_task(settings: PreprocessSettings) -> list[str]:
 
 @task(name="video", **_stage)
 def video_task(partition: Partition, settings: PreprocessSettings, out_dir: str) -> list[PieceOutcome]:
-    return run_video_group(partition, settings, Workspace(Path(out_dir)))
+    return run_video_group(partition.candidates, settings, Workspace(Path(out_dir)))
 
 
 @task(name="audio", tags=["gpu"], **_stage)
@@ -129,7 +128,7 @@ GROUP_TASKS = {"video": video_task, "audio": audio_task, "visual": visual_task}
 
 class _DropWorkerThreadTimeoutWarning(logging.Filter):
     """Prefect warns on every task run with a timeout in a worker thread that the timeout cannot interrupt a
-    blocking call. Ours do not block unboundedly: every ffmpeg call polls with its own limit (``preprocess.media``),
+    blocking call. Ours do not block unboundedly: every ffmpeg call polls with its own limit (``preprocess.run.media``),
     so the injected timeout lands within a poll interval. One warning per task run would bury the real log."""
 
     def filter(self, record: logging.LogRecord) -> bool:

@@ -8,7 +8,7 @@ own environment", has the install commands). Serve it against the pipeline's Pre
 
     PREFECT_API_URL=http://127.0.0.1:4200/api python flows/videollama2_service.py serve
 
-and the pipeline (``preprocess.describe_videollama2``, selected by ``models.captioning.model =
+and the pipeline (``preprocess.visual.describe_videollama2``, selected by ``models.captioning.model =
 "videollama2:<path or id>"``) calls the deployment ``videollama2-captions/default`` with clip *paths*: the
 file system is shared, frames never travel through Prefect.
 
@@ -84,7 +84,7 @@ def config_num_frames(model) -> tuple[int, str]:
     return int(NUM_FRAMES), "videollama2.constants.NUM_FRAMES"
 
 
-# Substrings of errors from a broken GPU setup rather than from one clip (the pipeline's preprocess.failures
+# Substrings of errors from a broken GPU setup rather than from one clip (the pipeline's preprocess.run.failures
 # uses the same list; this file cannot import it).
 _DEVICE_ERROR_MARKERS = ("CUDA", "cuDNN", "cuBLAS", "out of memory", "HIP error", "no kernel image",
                          "Found no NVIDIA driver")

@@ -2,7 +2,7 @@
 
 diffusers passes ``cross_attention_kwargs`` unchanged to every spatial attention layer, so one object under
 the key ``"conditions"`` carries the reference features, audio tokens and emotion tokens to the processors of
-``model/reference_attention.py`` and ``model/condition_attention.py`` without touching any ``forward``.
+``model/attention/reference_attention.py`` and ``model/attention/condition_attention.py`` without touching any ``forward``.
 Batch layout inside the UNet is ``(batch * frames)``, frame-major within each sample, as in
 ``diffusers.UNetMotionModel``.
 """

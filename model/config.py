@@ -35,12 +35,12 @@ class DataShapes:
     # The preprocessing default SER model (superb/hubert-large-superb-er) has 4 classes (neu, hap, ang, sad);
     # another SER model (e.g. an emotion2vec head with 9) only changes this number.
     speech_emotion_classes: int = 4
-    speech_emotion_dim: int = 256  # the SER head's input (classifier_proj_size), preprocess.speech_emotion
+    speech_emotion_dim: int = 256  # the SER head's input (classifier_proj_size), preprocess.audio.speech_emotion
     va_values: int = 3  # valence, arousal, dominance
     va_dim: int = 1024
     va_window_s: float = 2.0
     va_hop_s: float = 1.0
-    # The preprocessing default AU estimator's 8 AUs (preprocess.action_units.GEOMETRIC_AU_NAMES); a learned
+    # The preprocessing default AU estimator's 8 AUs (preprocess.visual.action_units.GEOMETRIC_AU_NAMES); a learned
     # detector with another AU set only changes this number.
     au_count: int = 8
     text_tokens: int = 77
@@ -54,7 +54,7 @@ class DataShapes:
     def wav2vec_hidden_states(self) -> tuple[int, ...]:
         """The wav2vec 2.0 hidden states the model reads, by index (0: the CNN encoder's projected features,
         i: transformer layer i): all ``wav2vec_layers`` of them, as its own audio encoder stacks them
-        (``model.train.audio_features``). Shards must store exactly these (their json's audio.wav2vec.layers)."""
+        (``model.training.train.audio_features``). Shards must store exactly these (their json's audio.wav2vec.layers)."""
         return tuple(range(self.wav2vec_layers))
 
     @property

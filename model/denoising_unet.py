@@ -3,11 +3,11 @@
 ``diffusers.UNetMotionModel`` built from the SD 1.5 config holds the image layers under exactly the same
 state-dict names as ``UNet2DConditionModel`` plus motion modules. Each spatial transformer block then has
 
-1. spatial self-attention that also sees the ReferenceNet features (``model/reference_attention.py``),
+1. spatial self-attention that also sees the ReferenceNet features (``model/attention/reference_attention.py``),
 2. cross-attention to the CLIP-text description tokens (pretrained SD weights),
-3. audio attention and emotion attention (``model/condition_attention.py``), installed as the ``attn2``
+3. audio attention and emotion attention (``model/attention/condition_attention.py``), installed as the ``attn2``
    processor, and
-4. temporal attention over frames (``model/temporal_attention.py``).
+4. temporal attention over frames (``model/attention/temporal_attention.py``).
 
 New layers (motion modules, audio and emotion attention) start with zero output projections, so at step 0
 the model equals the image UNet applied frame by frame. SD weights load by state-dict name
@@ -31,11 +31,11 @@ from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from einops import rearrange
 from torch import nn
 
-from model.condition_attention import AudioEmotionCrossAttnProcessor
+from model.attention.condition_attention import AudioEmotionCrossAttnProcessor
+from model.attention.reference_attention import ReferenceReadProcessor
+from model.attention.temporal_attention import zero_init_temporal_outputs
 from model.conditions import FrameConditions
 from model.config import ModelConfig
-from model.reference_attention import ReferenceReadProcessor
-from model.temporal_attention import zero_init_temporal_outputs
 
 NEW_LAYER_MARKERS = (".motion_modules.", ".processor.")
 

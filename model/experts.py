@@ -16,7 +16,7 @@ outputs and frozen here; weights load from a safetensors file (``load_expert_wei
   ``model/syncnet.py``'s ``SyncNetV2``, the project's one sync expert for the data-quality filter and the
   evaluation's LSE-C/LSE-D; the training setting ``sync_expert`` makes the sync loss use it too
   (``SyncNetV2LossExpert``, same ``estimate`` interface, in place of this module). This one is the default,
-  trained by ``synchrorama train-experts`` (``model/train_experts.py``).
+  trained by ``synchrorama train-experts`` (``model/training/train_experts.py``).
 * ``AURegressor``: per-frame AU intensities ``(B, T, N_AU)``, targets from preprocessing.
 * ``ValenceArousalRegressor``: per-frame (valence, arousal) ``(B, T, 2)`` from faces. The paper reads VA
   from the generated video's *audio*, which is the driving audio and carries no gradient; the face is the
@@ -142,7 +142,7 @@ def crop_boxes(frames: torch.Tensor, boxes: torch.Tensor, height: int, width: in
 
 class SyncNetExpert(nn.Module):
     """Two towers that embed ``sync_window``-frame windows of mouth crops and of wav2vec2 states into one space
-    (cosine similarity: high when in sync). Trained contrastively by ``model/train_experts.py``."""
+    (cosine similarity: high when in sync). Trained contrastively by ``model/training/train_experts.py``."""
 
     def __init__(self, cfg: ModelConfig, temperature: float = 0.1):
         super().__init__()

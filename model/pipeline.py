@@ -26,10 +26,10 @@ import torch
 from model.audio_projection import resample_to_frames
 from model.devices import device_generator
 from model.emotion_embedding import EmotionFeatures
+from model.generation.video_io import write_video
 from model.guidance import ConditionKeep
 from model.schedule import sample_scheduler
 from model.synchrorama import SynchroRamaModel
-from model.video_io import write_video
 
 
 @dataclass

@@ -4,7 +4,7 @@ A ``UNet2DConditionModel`` with the SD 1.5 layout and weights, run once per clip
 reference latent ``(B, 4, h, w)`` with the description tokens ``(B, 77, 768)`` in its cross-attention. Its
 spatial self-attention processors record their inputs, and ``forward`` returns them: a dict from layer path
 (e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn1``) to ``(B, h_l*w_l, C_l)``, which the
-denoiser's layer of the same path reads (``model/reference_attention.py``).
+denoiser's layer of the same path reads (``model/attention/reference_attention.py``).
 
 Deviation: the layers after the last recorded feature (the rest of the last transformer block, its output
 projection and ``conv_norm_out``/``conv_out``) can never influence the denoiser, so they are frozen
@@ -18,9 +18,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from model.attention.reference_attention import ConditionsAwareProcessor, ReferenceWriteProcessor
 from model.conditions import FrameConditions
 from model.config import ModelConfig
-from model.reference_attention import ConditionsAwareProcessor, ReferenceWriteProcessor
 
 
 class ReferenceNet(nn.Module):

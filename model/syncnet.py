@@ -380,7 +380,7 @@ class SyncNetV2LossExpert(nn.Module):
     mean distances differ by about 7 on real talking faces, its LSE-C; the tiny test model's by about 1.5).
     """
 
-    reads_waveform = True  # model/training_step.py passes the waveform, not wav2vec2 states
+    reads_waveform = True  # model/training/training_step.py passes the waveform, not wav2vec2 states
 
     def __init__(self, model: SyncNetV2, max_shift: int, fps: int = FPS, temperature: float = 0.5):
         super().__init__()

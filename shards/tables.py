@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 SHARDS_DIR = "shards"
 SUMMARY_FILE = "summary.json"
 PUBLISHING_MARKER = "publishing.json"
-# What write_table_atomic (and preprocess.cache.write_json_atomic) leave behind when killed mid-write.
+# What write_table_atomic (and preprocess.run.cache.write_json_atomic) leave behind when killed mid-write.
 TABLE_TEMP_PATTERN = re.compile(r"\..+\.tmp-[0-9a-f]+")
 
 TABLES_DIR = "tables"
@@ -125,13 +125,13 @@ CLIPS_SCHEMA = pa.schema([
     ("emotion", pa.string()),
     ("emotion_level", pa.int32()),
     ("audio_source", pa.string()),  # the separate audio file the clip's sound was taken from; null: the video's own
-    # picture quality (preprocess.shots / frame_quality / identity); null when not measured
+    # picture quality (preprocess.video.shots / frame_quality / identity); null when not measured
     ("sharpness", pa.float64()),  # median Laplacian variance of the 128 px grey face crop (filter blurry)
     ("identity_change", pa.float64()),  # spread of the face's identity signature in the piece (filter identity_change)
     ("n_shot_cuts", pa.int32()),  # shot cuts in the whole candidate; null: no shot detection for the dataset
     ("shot_index", pa.int32()),  # the shot the piece lies in (0-based)
     ("frame_quality_s", pa.float64()),  # the frame_quality stage's one decode (content scores, sharpness)
-    # the sync expert (preprocess.sync_check; null when the sync check did not run on the piece)
+    # the sync expert (preprocess.audio.sync_check; null when the sync check did not run on the piece)
     ("av_offset_frames", pa.int32()),  # SyncNet AV offset, 25 fps frames, + = audio leads video (before any shift)
     ("av_confidence", pa.float64()),  # SyncNet confidence (LSE-C: median - min of mean distances); out_of_sync below
     ("av_min_distance", pa.float64()),  # SyncNet minimum mean distance (LSE-D)
@@ -282,7 +282,7 @@ def _write_through_temp(path: Path, write: Callable[[Path], Any]) -> Any:
 def remove_table_leftovers(tables_dir: Path) -> list[Path]:
     """Remove the temp files that killed table writes left in ``tables_dir``; returns what was removed.
 
-    Only call this while holding the out_dir's lock (``synchrorama.run_lock``): a live writer's temp file looks
+    Only call this while holding the out_dir's lock (``shards.output_lock``): a live writer's temp file looks
     the same."""
     tables_dir = Path(tables_dir)
     if not tables_dir.is_dir():

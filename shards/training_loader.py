@@ -1,4 +1,4 @@
-"""Training windows streamed from clip shards: what ``model/train.py`` iterates over.
+"""Training windows streamed from clip shards: what ``model/training/train.py`` iterates over.
 
 Each clip of the preprocessing shards (``shards/schema.py``) gives one window per visit: ``motion_frames``
 (M) consecutive frames, then ``clip_frames`` (T) frames to generate, plus one reference frame drawn anywhere

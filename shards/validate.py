@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile
 
+from shards.output_lock import live_holder
 from shards.schema import (
     AUDIO_MEMBER,
     AUDIO_SAMPLES_PER_FRAME,
@@ -72,7 +73,6 @@ from shards.tables import (
     TABLES_DIR,
     committed_state,
 )
-from synchrorama.run_lock import live_holder
 
 __all__ = ["validate_output", "validate_sample", "validate_shards"]
 

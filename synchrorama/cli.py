@@ -14,6 +14,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+import tiny_models
+from preprocess.run.model_loading import register_tiny_builder
+
+# The tiny profile's models are built on first use by whatever command needs them (run, generate, evaluate, ...).
+register_tiny_builder(tiny_models.BUILDER)
+
 app = typer.Typer(help="SynchroRaMa: preprocess talking-face datasets into shards and tables, and build the model.",
                   no_args_is_help=True, pretty_exceptions_show_locals=False)
 console = Console()
@@ -59,7 +65,7 @@ def download_hdtf(
     name: Optional[list[str]] = typer.Option(None, help="only these video names (repeatable)"),
 ) -> None:
     """Optional: download HDTF's videos from YouTube (needs the 'download' extra: yt-dlp, and the network)."""
-    from preprocess.download import download_hdtf_videos
+    from preprocess.datasets.download import download_hdtf_videos
 
     statuses = download_hdtf_videos(annotations_dir, out, name)
     for video, status in statuses.items():
@@ -162,8 +168,8 @@ def validate_command(out_dir: Path = typer.Argument(..., help="a preprocess out_
                                        "help_option_names": []}, add_help_option=False)
 def train_command(ctx: typer.Context) -> None:
     """Train the model on shards (stage a2m, stage1 or stage2); `synchrorama train --help` lists every setting.
-    Several GPUs: torchrun --nproc_per_node=N -m model.train with the same arguments."""
-    from model.train import main
+    Several GPUs: torchrun --nproc_per_node=N -m model.training.train with the same arguments."""
+    from model.training.train import main
 
     main(list(ctx.args), prog="synchrorama train")
 
@@ -188,7 +194,7 @@ def train_experts_command(
     the shards, print their held-out scores and save them for `synchrorama train ... experts=OUT`."""
     import logging
 
-    from model.train_experts import ExpertTrainingConfig, train_experts
+    from model.training.train_experts import ExpertTrainingConfig, train_experts
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     report = train_experts(ExpertTrainingConfig(
@@ -204,7 +210,7 @@ def train_experts_command(
 def generate_command(ctx: typer.Context) -> None:
     """Reference image + driving audio (+ description) -> talking-face mp4 with the audio, from a training
     checkpoint; `synchrorama generate --help` lists the options."""
-    from model.generate import GenerateError, main
+    from model.generation.generate import GenerateError, main
 
     try:
         main(list(ctx.args), prog="synchrorama generate")
@@ -219,7 +225,7 @@ def build_tiny_models_command(
 ) -> None:
     """Build the tiny models of the real classes that profile 'tiny' uses (offline, once; their numbers mean
     nothing). Preprocessing with profile 'tiny' also builds them on first use."""
-    from preprocess.stage_models import TINY_DIR
+    from preprocess.run.model_loading import TINY_DIR
     from tiny_models.build import build_tiny_models
 
     path = build_tiny_models(out or TINY_DIR)
@@ -229,7 +235,7 @@ def build_tiny_models_command(
 @app.command("summary")
 def summary_command(size: str = typer.Option("tiny", help="full (SD 1.5 size) or tiny")) -> None:
     """Print the model's parameter counts per component."""
-    from model.summary import format_summary
+    from model.training.summary import format_summary
 
     console.print(format_summary(size))
 

@@ -135,7 +135,7 @@ def write_report(out_dir: Path, path: Path | None = None) -> Path:
         figures.append(_figure_html(lambda ax: (
             ax.hist([r["av_offset_frames"] for r in synced], bins=np.arange(-15.5, 16.5), color="tab:cyan"),
             ax.set_xlabel("SyncNet AV offset (frames, + = audio leads)")), "AV offset before correction"))
-    # picture quality (preprocess.frame_quality / identity): kept and rejected stacked, to set the thresholds from
+    # picture quality (preprocess.video.frame_quality / identity): kept and rejected stacked, to set the thresholds from
     for column, label in (("sharpness", "face-crop Laplacian variance (blurry below filters.min_sharpness)"),
                           ("identity_change", "identity change score (identity_change above "
                                               "filters.max_identity_change)")):

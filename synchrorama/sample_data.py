@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from preprocess.media import feed_stdin, media_limits, run_tool
+from preprocess.run.media import feed_stdin, media_limits, run_tool
 from tiny_models.scenes import Layout, _background, _head_and_shoulders, _resized, render_frames  # noqa: F401 (re-exported)
 
 SPEECH_TEXT = (

@@ -30,7 +30,13 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+import tiny_models  # noqa: E402
+from preprocess.run.model_loading import register_tiny_builder  # noqa: E402
 from synchrorama.sample_data import make_talking_video  # noqa: E402
+
+# The tests run the tiny profile's stages directly: the tiny models are built on first use (as the CLI and the
+# flows arrange it for a user's run).
+register_tiny_builder(tiny_models.BUILDER)
 
 _session_server: subprocess.Popen | None = None
 

@@ -1,8 +1,8 @@
 """One rank of the two-process training test, launched the way users launch training:
 
-    torchrun --standalone --nproc-per-node 2 tests/ddp_worker.py OUT [model.train arguments ...]
+    torchrun --standalone --nproc-per-node 2 tests/ddp_worker.py OUT [model.training.train arguments ...]
 
-It trains exactly like ``python -m model.train`` and then leaves this rank's final weights and logged records in
+It trains exactly like ``python -m model.training.train`` and then leaves this rank's final weights and logged records in
 OUT, so the test can check that the ranks stayed identical."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from model.train import main
+from model.training.train import main
 
 # A rank stuck in a collective prints where it is stuck and exits, so torchrun stops the other rank and the test
 # fails with both stacks instead of waiting forever.

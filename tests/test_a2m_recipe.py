@@ -1,7 +1,7 @@
 """The A2M module reaches the model the user gets (issue 11, items 4 and 5).
 
 * an untrained A2M returns the reference (zero output layer);
-* the three-run recipe (a2m, stage 1, stage 2 through ``model.train.main`` with the tiny config) ends in one
+* the three-run recipe (a2m, stage 1, stage 2 through ``model.training.train.main`` with the tiny config) ends in one
   checkpoint whose A2M is, bit for bit, what the a2m run trained;
 * stage 2 replaces the true motion frames with A2M samples or the reference at the configured rates, and drops
   audio, emotion and description together (the sampler's unconditional branch) at its own rate;
@@ -20,13 +20,13 @@ from safetensors.torch import load_file
 from test_train_loader import write_training_shards
 
 from model.a2m import AudioToMotion, is_untrained
-from model.batch import fake_batch
 from model.config import tiny_config
 from model.denoising_unet import DenoisingUNet
 from model.guidance import ConditionKeep
 from model.synchrorama import SynchroRamaModel
-from model.train import main
-from model.training_step import (
+from model.training.batch import fake_batch
+from model.training.train import main
+from model.training.training_step import (
     A2M_MOTION,
     REFERENCE_MOTION,
     TRUE_MOTION,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from skimage import data
 
-from preprocess.action_units import GEOMETRIC_AU_NAMES, ExportedAUs, GeometricAUs
-from preprocess.face_models import mesh_landmarks, new_face_mesh
-from preprocess.head_pose import rotation_matrix
+from preprocess.video.face_models import mesh_landmarks, new_face_mesh
+from preprocess.video.head_pose import rotation_matrix
+from preprocess.visual.action_units import GEOMETRIC_AU_NAMES, ExportedAUs, GeometricAUs
 
 AU = dict(zip(GEOMETRIC_AU_NAMES, range(len(GEOMETRIC_AU_NAMES)), strict=True))
 

@@ -14,9 +14,9 @@ import torch
 
 from flows.preprocess import preprocess
 from model.emotion_embedding import EmotionFeatures
-from preprocess import stage_models
-from preprocess.preflight import active_models
-from preprocess.settings import load_settings
+from preprocess.run import model_loading as stage_models
+from preprocess.run.preflight import active_models
+from preprocess.run.settings import load_settings
 from shards.reader import clip_dataset
 from shards.schema import EMOTION_ARRAYS, EMOTION_VALID_ARRAYS, OPTIONAL_MEMBERS, REQUIRED_MEMBERS
 from shards.tables import (

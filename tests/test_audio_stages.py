@@ -12,15 +12,15 @@ import pytest
 import soundfile
 import torch
 
-from preprocess import stage_models
-from preprocess.pipeline import AUDIO_STAGES, ClipJob, PieceOutcome, Workspace, run_audio_stages
-from preprocess.records import Candidate
-from preprocess.settings import ModelChoice, load_settings
-from preprocess.stage_models import ModelNotFoundError, load_model
-from preprocess.standardise import AUDIO_FILE, StandardisedClip
-from preprocess.text_emotion import TEXT_EMOTION_CLASSES
-from preprocess.valence_arousal import window_bounds
-from preprocess.wav2vec_features import features_to_frames
+from preprocess.audio.text_emotion import TEXT_EMOTION_CLASSES
+from preprocess.audio.valence_arousal import window_bounds
+from preprocess.audio.wav2vec_features import features_to_frames
+from preprocess.pipeline import AUDIO_STAGES, ClipJob, PieceOutcome, Workspace, load_model, run_audio_stages
+from preprocess.run import model_loading as stage_models
+from preprocess.run.model_loading import ModelNotFoundError
+from preprocess.run.records import Candidate
+from preprocess.run.settings import ModelChoice, load_settings
+from preprocess.video.standardise import AUDIO_FILE, StandardisedClip
 from synchrorama.sample_data import speech_wav
 
 FPS, RATE = 25, 16000
@@ -178,7 +178,7 @@ def test_silence_and_speechless_clips_give_flagged_rows_not_invented_text(pieces
 
 
 def test_non_english_transcript_is_flagged(processed, tiny, tmp_path):
-    from preprocess.text_emotion import score_transcript
+    from preprocess.audio.text_emotion import score_transcript
 
     loaded = load_model("text_emotion", tiny.models.text_emotion)
     settings = tiny.audio.text_emotion

@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from preprocess.discover import discover_candidates, folder_candidates, settle_candidates
-from preprocess.hdtf import hdtf_candidates
-from preprocess.records import Candidate
+from preprocess.datasets.discover import discover_candidates, folder_candidates, settle_candidates
+from preprocess.datasets.hdtf import hdtf_candidates
+from preprocess.run.records import Candidate
 from shards.validate import validate_shards
 from synchrorama.sample_data import make_talking_video
 

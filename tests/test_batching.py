@@ -14,14 +14,14 @@ import soundfile
 import torch
 from media_fixtures import make_test_video, write_garbage
 
-from preprocess import batching, pipeline
-from preprocess.cache import FILES_KEY, RESULT_FILE, StageCache
-from preprocess.failures import EnvironmentFailure
-from preprocess.pipeline import PIECE_STAGE_FUNCTIONS, ClipJob, PieceOutcome, Workspace, run_piece_stage_batch
-from preprocess.records import Candidate, Rejection
-from preprocess.settings import load_settings
-from preprocess.stage_models import load_model
-from preprocess.standardise import VIDEO_FILE
+from preprocess import pipeline
+from preprocess.pipeline import ClipJob, PieceOutcome, Workspace, load_model, run_piece_stage_batch, run_stage
+from preprocess.run import batching
+from preprocess.run.cache import FILES_KEY, RESULT_FILE, StageCache
+from preprocess.run.failures import EnvironmentFailure
+from preprocess.run.records import Candidate, Rejection
+from preprocess.run.settings import load_settings
+from preprocess.video.standardise import VIDEO_FILE
 
 RATE, FPS, SIZE = 16000, 25, 128
 # Batch sizes that leave a short, filled last batch and make pieces of a call share batches with each other.
@@ -120,7 +120,7 @@ BATCHED = ("text_emotion", "valence_arousal", "describe", "text_embedding", "lat
 def test_batched_pieces_store_exactly_what_they_store_alone(stage, settings, pieces, tmp_path):
     calls, handle = _counting_forwards(_model_module(stage, settings))
     try:
-        alone = [PIECE_STAGE_FUNCTIONS[stage](piece, settings, Workspace(tmp_path / "alone")) for piece in pieces]
+        alone = [run_stage(stage, piece, settings, Workspace(tmp_path / "alone")) for piece in pieces]
         alone_calls, calls[0] = calls[0], 0
         together = run_piece_stage_batch(stage, pieces, settings, Workspace(tmp_path / "together"))
         together_calls = calls[0]
@@ -162,7 +162,7 @@ def test_scored_and_flagged_transcripts_are_all_there(settings, pieces, tmp_path
 def test_a_batch_reuses_what_is_cached_and_computes_the_rest_together(settings, pieces, tmp_path):
     workspace = Workspace(tmp_path)
     kept = [piece for piece in pieces if piece.kept]
-    first = [pipeline.run_valence_arousal(piece, settings, workspace) for piece in kept[::2]]
+    first = [pipeline.run_stage("valence_arousal", piece, settings, workspace) for piece in kept[::2]]
     done = run_piece_stage_batch("valence_arousal", pieces, settings, workspace)
     timings = {piece.clip_id: piece.timings[-1] for piece in done if piece.kept}
     assert [timings[piece.clip_id].cached for piece in kept] == [index % 2 == 0 for index in range(len(kept))]
@@ -189,7 +189,7 @@ def test_a_crash_in_a_batch_rejects_only_the_bad_piece(stage, settings, pieces, 
     alone = Workspace(tmp_path / "alone")
     for piece, batched in zip(kept, [done[0], *done[2:]], strict=True):
         assert batched.rejection is None
-        one = PIECE_STAGE_FUNCTIONS[stage](piece, settings, alone)
+        one = run_stage(stage, piece, settings, alone)
         assert batched.features[stage]["key"] == one.features[stage]["key"]
         for name, array in _stored(one, stage)[1].items():
             assert np.array_equal(array, _stored(batched, stage)[1][name])

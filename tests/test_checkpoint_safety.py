@@ -18,7 +18,7 @@ import pytest
 import torch
 from test_train_loader import write_training_shards
 
-from model.train import (
+from model.training.train import (
     MANIFEST,
     CheckpointError,
     NonFiniteLossError,
@@ -29,7 +29,7 @@ from model.train import (
     verify_checkpoint,
     write_manifest,
 )
-from synchrorama.run_lock import OutputLocked, hold_output_lock
+from shards.output_lock import OutputLocked, hold_output_lock
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "train_tiny.toml")
@@ -93,7 +93,7 @@ def test_a_doctored_training_state_runs_nothing(shard_dir, two_checkpoints, tmp_
     doctored = Path(shutil.copy(folder / "training_state.pt", tmp_path / "doctored.pt"))
     with pytest.raises(CheckpointError, match=r"step-0000002/training_state\.pt.*could run code"):
         load_training_state(folder)
-    with caplog.at_level(logging.WARNING, logger="model.train"):
+    with caplog.at_level(logging.WARNING, logger="model.training.train"):
         resumed = _resume(shard_dir, out)  # refused, so the run goes on from the older checkpoint
     assert not marker.exists()
     assert [r["step"] for r in resumed.records] == [2, 3]
@@ -110,7 +110,7 @@ def test_a_flipped_byte_is_refused_naming_the_file_and_the_older_checkpoint_used
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0x01  # one bit of the last tensor: the file still parses, so only the hash can tell
     weights.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="model.train"):
+    with caplog.at_level(logging.WARNING, logger="model.training.train"):
         resumed = _resume(shard_dir, out)
     assert [r["step"] for r in resumed.records] == [2, 3]  # from step 1, the newest checkpoint that verifies
     assert any(re.search(r"skipping .*step-0000002.*step-0000002/model\.safetensors does not match the sha256", r.message)
@@ -122,7 +122,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(shard_dir, two_ch
     out = _copy(two_checkpoints, tmp_path)
     state = out / "checkpoints" / "step-0000002" / "training_state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2] if damage == "truncated" else b"")
-    with caplog.at_level(logging.WARNING, logger="model.train"):
+    with caplog.at_level(logging.WARNING, logger="model.training.train"):
         assert latest_checkpoint(out / "checkpoints") == out / "checkpoints" / "step-0000001"
     assert any("step-0000002/training_state.pt does not match" in r.message for r in caplog.records)
     resumed = _resume(shard_dir, out)
@@ -158,7 +158,7 @@ def test_an_interrupted_save_is_skipped_for_the_previous_checkpoint(shard_dir, t
     out = _copy(two_checkpoints, tmp_path)
     checkpoints = out / "checkpoints"
     (checkpoints / "step-0000002" / MANIFEST).unlink()  # as if killed before the manifest went in
-    with caplog.at_level(logging.WARNING, logger="model.train"):
+    with caplog.at_level(logging.WARNING, logger="model.training.train"):
         assert latest_checkpoint(checkpoints) == checkpoints / "step-0000001"
     assert any("skipping" in r.message and "step-0000002" in r.message for r in caplog.records)
     resumed = _resume(shard_dir, out)
@@ -169,7 +169,7 @@ def test_latest_cannot_point_outside_the_checkpoints_folder(two_checkpoints, tmp
     out = _copy(two_checkpoints, tmp_path)
     checkpoints = out / "checkpoints"
     (checkpoints / "latest").write_text("../../../etc")
-    with caplog.at_level(logging.WARNING, logger="model.train"):
+    with caplog.at_level(logging.WARNING, logger="model.training.train"):
         assert latest_checkpoint(checkpoints) == checkpoints / "step-0000002"
     assert any("not a checkpoint folder" in r.message for r in caplog.records)
 
@@ -182,7 +182,7 @@ def test_an_old_checkpoint_without_a_manifest_is_refused_until_resealed(shard_di
     shutil.rmtree(checkpoints / "step-0000002")
     (checkpoints / "latest").write_text("step-0000001")
     folder = checkpoints / "step-0000001"
-    # the format an older model/train.py wrote: numpy's RNG state as its tuple with an ndarray, no manifest
+    # the format an older model/training/train.py wrote: numpy's RNG state as its tuple with an ndarray, no manifest
     state = load_training_state(folder)
     state["rng"]["numpy"] = np.random.get_state()
     torch.save(state, folder / "training_state.pt")

@@ -90,7 +90,7 @@ def test_summary_prints_component_counts():
 def test_train_help_lists_every_setting():
     from dataclasses import fields
 
-    from model.train_config import TrainConfig
+    from model.training.train_config import TrainConfig
 
     result = runner.invoke(app, ["train", "--help"])
     assert result.exit_code == 0, result.output

@@ -19,13 +19,13 @@ import pytest
 import soundfile
 
 from flows.preprocess import preprocess
-from preprocess.discover import discover_candidates
-from preprocess.failures import RunFailed
-from preprocess.mead import mead_candidates
-from preprocess.records import CropBox
-from preprocess.settings import LayoutSettings, load_settings
-from preprocess.standardise import standardise_clip
-from preprocess.vfhq import LANDMARK_BOX_SCALE, read_frame_landmarks, vfhq_candidates
+from preprocess.datasets.discover import discover_candidates
+from preprocess.datasets.mead import mead_candidates
+from preprocess.datasets.vfhq import LANDMARK_BOX_SCALE, read_frame_landmarks, vfhq_candidates
+from preprocess.run.failures import RunFailed
+from preprocess.run.records import CropBox
+from preprocess.run.settings import LayoutSettings, load_settings
+from preprocess.video.standardise import standardise_clip
 from shards.tables import CLIPS_TABLE, TABLES_DIR
 from synchrorama.sample_data import make_talking_video, speech_wav
 

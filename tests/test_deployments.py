@@ -98,8 +98,8 @@ def test_failed_deployment_run_exits_nonzero_and_shows_the_reason(served, tmp_pa
 def test_deployment_run_with_its_models_missing_exits_nonzero_naming_them(served, tmp_path):
     """The default profile here, offline, has none of its real models: the run fails at its first task, before
     any clip, and `--watch` exits 1 with the models named (no clip is rejected as `error` for it)."""
-    from preprocess.preflight import active_models
-    from preprocess.settings import load_settings
+    from preprocess.run.preflight import active_models
+    from preprocess.run.settings import load_settings
 
     raw = tmp_path / "raw"
     make_talking_video(raw / "host.mp4", layout="single", seconds=4.0)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preprocess.describe import DEFAULT_PROMPT, TransformersCaptioner, sample_frames_uniformly
-from preprocess.text_embedding import DescriptionEncoder
+from preprocess.run.settings import DEFAULT_CAPTION_PROMPT as DEFAULT_PROMPT
+from preprocess.visual.describe import TransformersCaptioner, sample_frames_uniformly
+from preprocess.visual.text_embedding import DescriptionEncoder
 from tiny_models.vision import build_tiny_captioner, build_tiny_sd_text_encoder
 
 

@@ -19,7 +19,7 @@ from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.engines import build_task_runner, engine_workers, gpu_resources
-from preprocess.settings import EngineSettings, load_settings, machine_cores
+from preprocess.run.settings import EngineSettings, load_settings, machine_cores
 from shards.tables import CLIPS_TABLE, STAGE_TIMINGS_TABLE, TABLES_DIR, TIMING_COLUMNS
 from synchrorama.sample_data import make_talking_video
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from evaluation.evaluate import TABLE_COLUMNS, read_audio, read_frames
 from evaluation.from_checkpoint import a2m_untrained
-from model.train import main as train_main
+from model.training.train import main as train_main
 from shards.reader import clip_dataset
 from shards.schema import file_sha256
 from synchrorama.cli import app

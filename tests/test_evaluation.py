@@ -148,7 +148,7 @@ def test_lpips_matches_torchmetrics_with_the_same_backbone(tmp_path, monkeypatch
 def face_mesh_points():
     from skimage import data
 
-    from preprocess.face_models import mesh_landmarks, new_face_mesh
+    from preprocess.video.face_models import mesh_landmarks, new_face_mesh
 
     mesh = new_face_mesh(video_mode=False, refine_landmarks=True)
     points = mesh_landmarks(mesh, data.astronaut())
@@ -171,7 +171,7 @@ def _talking(points: np.ndarray, amplitude: float, frames: int = 60, seed: int =
 
 
 def _posed(track: np.ndarray, yaw: float, scale: float, shift: float) -> np.ndarray:
-    from preprocess.head_pose import rotation_matrix
+    from preprocess.video.head_pose import rotation_matrix
 
     rot = rotation_matrix(yaw, 10.0, -5.0)
     # into camera axes (y up, z to the viewer), rotate about the face centre, back to image axes
@@ -214,7 +214,7 @@ def test_au_f1_known_answers():
 def test_evaluate_command_fills_every_column(tmp_path):
     from typer.testing import CliRunner
 
-    from model.video_io import write_video
+    from model.generation.video_io import write_video
     from synchrorama.cli import app
     from synchrorama.sample_data import make_talking_video
 

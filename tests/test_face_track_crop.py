@@ -13,17 +13,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from preprocess.crop import CropTrack, choose_crop, face_track
-from preprocess.face_models import detect_faces, mesh_landmarks, new_face_mesh
-from preprocess.locate import FaceSurvey, count_speakers
-from preprocess.media import feed_stdin, iter_rgb_frames, media_limits
 from preprocess.pipeline import (
     Workspace,
     run_clip_stages,
 )
-from preprocess.records import Candidate, CropBox
-from preprocess.settings import load_settings
-from preprocess.standardise import VIDEO_FILE
+from preprocess.run.media import feed_stdin, iter_rgb_frames, media_limits
+from preprocess.run.records import Candidate, CropBox
+from preprocess.run.settings import load_settings
+from preprocess.video.crop import CropTrack, choose_crop, face_track
+from preprocess.video.face_models import detect_faces, mesh_landmarks, new_face_mesh
+from preprocess.video.locate import FaceSurvey, count_speakers
+from preprocess.video.standardise import VIDEO_FILE
 from synchrorama.sample_data import _background, _head_and_shoulders, _resized, make_talking_video, speech_wav
 
 SETTINGS = load_settings("tiny")

@@ -17,15 +17,15 @@ from PIL import Image
 from test_train_loader import write_training_shards
 from typer.testing import CliRunner
 
-from model import generate
-from model.train import main as train_main
-from model.train import model_config, validation_inputs
-from model.train_config import parse_config
-from preprocess.media import run_ffprobe
-from preprocess.separate import separate_vocals
-from preprocess.settings import load_settings
-from preprocess.stage_models import load_model
-from preprocess.wav2vec_features import wav2vec_frames
+from model.generation import generate
+from model.training.train import main as train_main
+from model.training.train import model_config, validation_inputs
+from model.training.train_config import parse_config
+from preprocess.audio.separate import separate_vocals
+from preprocess.audio.wav2vec_features import wav2vec_frames
+from preprocess.pipeline import load_model
+from preprocess.run.media import run_ffprobe
+from preprocess.run.settings import load_settings
 from synchrorama.cli import app
 from synchrorama.sample_data import render_frames, speech_wav
 
@@ -89,7 +89,7 @@ def test_generate_makes_an_mp4_with_audio_from_the_driving_audios_features(run_d
     assert report["preprocessing_models"]["wav2vec"] == ".models/tiny/wav2vec2" and report["warning"]
 
     # The conditions are the preprocessing stages' outputs for THIS audio: Demucs on the driving file over its
-    # range, then the wav2vec stage on those vocals, recomputed here independently of model.generate.
+    # range, then the wav2vec stage on those vocals, recomputed here independently of model.generation.generate.
     settings = load_settings("tiny")
     work = tmp_path / "work"
     clip, rate = soundfile.read(work / "clip.wav", dtype="float32")

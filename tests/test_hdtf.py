@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from preprocess.hdtf import (
+from preprocess.datasets.hdtf import (
     hdtf_candidates,
     main,
     parse_timestamp,
     read_hdtf_annotations,
     summarise_issues,
 )
-from preprocess.records import CropBox
+from preprocess.run.records import CropBox
 
 REAL_DIR = Path(__file__).resolve().parents[1] / "data" / "hdtf_annotations"
 SUBSETS = ("RD", "WDA", "WRA")

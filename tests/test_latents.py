@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preprocess.latents import FrameLatentEncoder, psnr
-from preprocess.media import count_video_frames, iter_rgb_frames
+from preprocess.run.media import count_video_frames, iter_rgb_frames
+from preprocess.visual.latents import FrameLatentEncoder, psnr
 from synchrorama.sample_data import make_talking_video
 from tiny_models.vision import build_tiny_sd_vae
 

@@ -22,9 +22,9 @@ from typer.testing import CliRunner
 from model.config import full_config, tiny_config
 from model.experts import LIP_LANDMARKS, MissingExpertError, SyncNetExpert, load_expert_weights, mouth_box
 from model.losses import sync_loss, window_means
-from model.tiny_components import tiny_audio_encoder
-from model.train import audio_features, main
-from model.train_experts import ExpertTrainingConfig, load_clips, split_clips
+from model.training.tiny_components import tiny_audio_encoder
+from model.training.train import audio_features, main
+from model.training.train_experts import ExpertTrainingConfig, load_clips, split_clips
 from shards.schema import (
     AUDIO_SAMPLES_PER_FRAME,
     FPS,

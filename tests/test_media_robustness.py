@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocess.media import (
+from preprocess.run.media import (
     FfmpegError,
     FfmpegTimeout,
     TransientMediaFailure,
@@ -29,10 +29,10 @@ from preprocess.media import (
     run_tool,
     stream_stdout,
 )
-from preprocess.probe import probe_video
-from preprocess.records import CropBox, ProbeResult, Rejection
-from preprocess.settings import MediaTimeouts, load_settings
-from preprocess.standardise import StandardisedClip, standardise_clip
+from preprocess.run.records import CropBox, ProbeResult, Rejection
+from preprocess.run.settings import MediaTimeouts, load_settings
+from preprocess.video.probe import probe_video
+from preprocess.video.standardise import StandardisedClip, standardise_clip
 
 SECONDS, WIDTH, HEIGHT = 60.0, 1280, 720
 DAMAGED_BYTES = 4096
@@ -295,7 +295,7 @@ def test_an_encoder_killed_mid_stream_is_a_transient_failure_not_a_hang(sources,
     a MediaToolKilled (retried next run, never a cached rejection), nothing is left running."""
     import signal
 
-    from preprocess.media import MediaToolKilled
+    from preprocess.run.media import MediaToolKilled
 
     source = _unique_copy(sources["clean"], tmp_path)
     settings = load_settings("default").standardise.model_copy(update={"preset": "ultrafast"})

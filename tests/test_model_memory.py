@@ -8,15 +8,15 @@ import torch
 import torch.utils.checkpoint
 from diffusers import UNetMotionModel
 
-from model.batch import fake_batch
 from model.config import full_config, tiny_config
 from model.denoising_unet import CheckpointedMotionModule, motion_unet_config
 from model.experts import LossExperts
-from model.memory_estimate import GIB, _SavedBytes, estimate_training_memory
 from model.schedule import train_scheduler
 from model.synchrorama import SynchroRamaModel
-from model.tiny_components import tiny_vae
-from model.training_step import decode_frames, training_losses
+from model.training.batch import fake_batch
+from model.training.memory_estimate import GIB, _SavedBytes, estimate_training_memory
+from model.training.tiny_components import tiny_vae
+from model.training.training_step import decode_frames, training_losses
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -20,14 +20,14 @@ from diffusers import AutoencoderKL
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-from model.batch import TrainingBatch, fake_batch
 from model.config import full_config
 from model.emotion_embedding import EmotionFeatures
 from model.experts import LossExperts
 from model.pipeline import TalkingFacePipeline
 from model.schedule import train_scheduler
 from model.synchrorama import SynchroRamaModel
-from model.training_step import StepOptions, training_losses
+from model.training.batch import TrainingBatch, fake_batch
+from model.training.training_step import StepOptions, training_losses
 
 META = torch.device("meta")
 RANDOM_OPS = ("rand", "randn", "randint", "randperm", "normal", "uniform", "bernoulli", "multinomial",
@@ -90,7 +90,7 @@ def test_a_full_size_training_step_runs_on_the_models_device(full, stage):
     batch = meta_batch(cfg, 4)
     started = time.perf_counter()
     with DeviceAudit(META) as audit:
-        # the training step's generator, as model/train.py makes it: on the model's device (None on meta)
+        # the training step's generator, as model/training/train.py makes it: on the model's device (None on meta)
         losses = training_losses(model, batch, train_scheduler(cfg.recipe), stage, vae, experts,
                                  generator=None, options=options)
         losses["total"].backward()

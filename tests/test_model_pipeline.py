@@ -8,7 +8,7 @@ import torch
 from model.config import tiny_config
 from model.pipeline import TalkingFacePipeline
 from model.synchrorama import SynchroRamaModel
-from model.tiny_components import tiny_audio_encoder, tiny_vae
+from model.training.tiny_components import tiny_audio_encoder, tiny_vae
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,6 +1,6 @@
 """Parameter summary: the backbone must be exactly SD 1.5's UNet."""
 
-from model.summary import format_summary, main, parameter_summary
+from model.training.summary import format_summary, main, parameter_summary
 
 SD15_UNET_PARAMETERS = 859_520_964
 

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from model.batch import fake_batch
 from model.config import tiny_config
 from model.experts import LossExperts
 from model.schedule import train_scheduler
 from model.synchrorama import STAGES, SynchroRamaModel
-from model.tiny_components import tiny_vae
-from model.training_step import training_losses
+from model.training.batch import fake_batch
+from model.training.tiny_components import tiny_vae
+from model.training.training_step import training_losses
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

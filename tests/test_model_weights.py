@@ -8,7 +8,7 @@ from model.conditions import FrameConditions
 from model.config import tiny_config
 from model.denoising_unet import is_new_layer
 from model.synchrorama import SynchroRamaModel
-from model.tiny_components import tiny_image_unet
+from model.training.tiny_components import tiny_image_unet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.preprocess import preprocess
-from preprocess.partitions import MARKER_FILE, PARTITIONS_DIR, plan_partitions
-from preprocess.records import Candidate
-from preprocess.settings import load_settings
+from preprocess.run.partitions import MARKER_FILE, PARTITIONS_DIR, plan_partitions
+from preprocess.run.records import Candidate
+from preprocess.run.settings import load_settings
 from shards.tables import TIMING_COLUMNS
 from synchrorama.sample_data import make_talking_video
 

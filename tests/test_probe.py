@@ -19,8 +19,8 @@ from media_fixtures import (
     write_garbage,
 )
 
-from preprocess.probe import REASONS, ffprobe_json, probe_video, timestamps_irregular
-from preprocess.records import ProbeResult, Rejection
+from preprocess.run.records import ProbeResult, Rejection
+from preprocess.video.probe import REASONS, ffprobe_json, probe_video, timestamps_irregular
 
 pytestmark = pytest.mark.skipif(not ffmpeg_available(), reason="ffmpeg/ffprobe are not installed")
 
@@ -223,7 +223,7 @@ def test_probe_is_cheap(normal):
 
 
 def test_ffprobe_json_raises_on_garbage(media):
-    from preprocess.probe import FFprobeError
+    from preprocess.video.probe import FFprobeError
 
     with pytest.raises(FFprobeError):
         ffprobe_json(write_garbage(media / "garbage2.bin", seed=1))

@@ -17,9 +17,10 @@ import soundfile
 import torch
 import yaml
 
-from preprocess.settings import ModelChoice, load_settings
-from preprocess.speech_emotion import SPEECH_EMOTION_FILE, classify_speech, head_input_dim, model_labels
-from preprocess.stage_models import TINY_DIR, LoadedModel, ModelNotFoundError, load_model
+from preprocess.audio.speech_emotion import SPEECH_EMOTION_FILE, classify_speech, head_input_dim, model_labels
+from preprocess.pipeline import load_model
+from preprocess.run.model_loading import TINY_DIR, LoadedModel, ModelNotFoundError
+from preprocess.run.settings import ModelChoice, load_settings
 from tiny_models.build import (
     REAL_DEMUCS,
     REAL_SPEECH_EMOTION,
@@ -36,7 +37,7 @@ RATE = 16000
 TRANSFORMERS_STAGES = {
     "text_emotion": (REAL_TEXT_EMOTION, "RobertaForSequenceClassification"),
     "speech_emotion": (REAL_SPEECH_EMOTION, "HubertForSequenceClassification"),
-    # audEERING's head is not in transformers: the stage loads the model card's classes (preprocess.va_model)
+    # audEERING's head is not in transformers: the stage loads the model card's classes (preprocess.audio.va_model)
     "valence_arousal": (REAL_VALENCE_AROUSAL, "EmotionModel"),
     # the real checkpoint is a Wav2Vec2ForCTC; the stage reads its encoder as a Wav2Vec2Model
     "wav2vec": (REAL_WAV2VEC, "Wav2Vec2Model"),
@@ -237,7 +238,7 @@ def ser(tiny):
 
 
 def test_ser_embedding_is_the_vector_the_classifier_reads(ser, tmp_path):
-    from preprocess.audio_io import read_mono
+    from preprocess.audio.audio_io import read_mono
 
     vocals = _speech(tmp_path / "vocals.wav")
     result = classify_speech(vocals, True, ser, tmp_path)

@@ -67,7 +67,7 @@ def _loaded(config: dict) -> dict:
 # --- the default captioner: Qwen/Qwen2.5-VL-3B-Instruct -------------------------------------------------------------
 
 def test_the_default_profile_captions_with_the_model_whose_files_are_kept():
-    from preprocess.settings import load_settings
+    from preprocess.run.settings import load_settings
 
     assert load_settings("default").models.captioning.model.lower().endswith(QWEN_VL)
     assert load_real_json(QWEN_VL)["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
@@ -145,7 +145,7 @@ def test_the_default_captioners_processor_builds_here_from_the_real_files(tiny, 
     from transformers import AutoProcessor, Qwen2_5_VLProcessor
     from transformers.utils import is_torchvision_available
 
-    from preprocess.describe import load_captioning_processor
+    from preprocess.visual.describe import load_captioning_processor
 
     for name in ("config.json", "preprocessor_config.json", "chat_template.json"):
         shutil.copy(real_config_dir(QWEN_VL) / name, tmp_path / name)
@@ -178,7 +178,8 @@ def test_the_default_captioners_processor_builds_here_from_the_real_files(tiny, 
 def test_the_tiny_captioner_is_the_default_class_and_describes(tiny):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    from preprocess.describe import DEFAULT_PROMPT, TransformersCaptioner
+    from preprocess.run.settings import DEFAULT_CAPTION_PROMPT as DEFAULT_PROMPT
+    from preprocess.visual.describe import TransformersCaptioner
 
     captioner = TransformersCaptioner(str(tiny / "captioner"), max_new_tokens=8)
     assert type(captioner.model) is Qwen2_5_VLForConditionalGeneration

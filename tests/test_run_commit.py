@@ -24,8 +24,8 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.preprocess import preprocess
-from preprocess.failures import RunFailed
-from preprocess.preflight import ModelSetupError
+from preprocess.run.failures import RunFailed
+from preprocess.run.preflight import ModelSetupError
 from shards.validate import validate_shards
 from synchrorama.cli import app
 from synchrorama.sample_data import make_talking_video
@@ -87,7 +87,7 @@ def test_a_complete_run_commits_summary_last_and_validates(good_run):
 
 
 def test_a_second_run_on_a_locked_out_dir_is_refused_and_touches_nothing(raw, out):
-    from synchrorama.run_lock import OutputLocked, hold_output_lock
+    from shards.output_lock import OutputLocked, hold_output_lock
 
     before = _published(out)
     leftover = out / "work" / "probe" / ".tmp-live-run-entry"  # what a live run's half-built entry looks like
@@ -111,7 +111,7 @@ def test_a_rerun_with_a_missing_model_leaves_the_published_files_byte_identical(
 
 CHILD = """
     import os, signal, sys
-    import preprocess.write_outputs as write_outputs
+    import preprocess.run.outputs as write_outputs
 
     def die_before_the_first_table(*args, **kwargs):
         # the shards (and index.json) are written; SIGKILL leaves no chance to clean up
@@ -231,11 +231,11 @@ def test_an_index_entry_that_is_not_a_bare_shard_name_is_reported_and_never_open
 
 
 def test_a_duplicate_id_or_a_refused_sample_becomes_a_rejection_not_a_crash(raw, out):
-    from preprocess.discover import discover_candidates
-    from preprocess.partitions import process_candidates
+    from preprocess.datasets.discover import discover_candidates
     from preprocess.pipeline import Workspace
-    from preprocess.settings import load_settings
-    from preprocess.write_outputs import write_outputs
+    from preprocess.run.outputs import write_outputs
+    from preprocess.run.partitions import process_candidates
+    from preprocess.run.settings import load_settings
 
     settings = load_settings("tiny", None, dataset="folder")
     candidates, issues = discover_candidates("folder", raw)

@@ -10,15 +10,15 @@ import pytest
 
 import preprocess.pipeline as pipeline
 from flows.preprocess import preprocess
-from preprocess.failures import (
+from preprocess.run.failures import (
     EnvironmentFailure,
     RunFailed,
     check_failure_shares,
     is_environment_error,
     stage_failure_shares,
 )
-from preprocess.preflight import ModelSetupError, active_models
-from preprocess.settings import load_settings
+from preprocess.run.preflight import ModelSetupError, active_models
+from preprocess.run.settings import load_settings
 from synchrorama.sample_data import make_talking_video
 
 
@@ -118,7 +118,7 @@ def test_environment_errors_are_told_apart_from_clip_errors():
 
     import torch
 
-    from preprocess.stage_models import ModelNotFoundError
+    from preprocess.run.model_loading import ModelNotFoundError
 
     assert is_environment_error(ImportError("torchvision is required for the video processor"))
     assert is_environment_error(ModelNotFoundError("x"))

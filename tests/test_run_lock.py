@@ -1,4 +1,4 @@
-"""One run per output folder (``synchrorama.run_lock``): a live holder, in another process or in this one, refuses
+"""One run per output folder (``shards.output_lock``): a live holder, in another process or in this one, refuses
 a second run at once, naming itself; a holder that died (SIGKILL, no clean-up) leaves a lock that is simply free."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from synchrorama.run_lock import LOCK_FILE, OutputLocked, hold_output_lock, live_holder
+from shards.output_lock import LOCK_FILE, OutputLocked, hold_output_lock, live_holder
 
 HOLDER = """
 import sys, time
 from pathlib import Path
-from synchrorama.run_lock import hold_output_lock
+from shards.output_lock import hold_output_lock
 with hold_output_lock(Path(sys.argv[1]), "a child run"):
     print("held", flush=True)
     time.sleep(600)
@@ -54,7 +54,7 @@ def test_a_live_holder_in_another_process_refuses_and_a_killed_one_is_recovered(
         child.wait()
     # the dead holder's description is still in the file, but the kernel dropped its lock
     assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == child.pid
-    with caplog.at_level(logging.INFO, logger="synchrorama.run_lock"):
+    with caplog.at_level(logging.INFO, logger="shards.output_lock"):
         with hold_output_lock(tmp_path, "after the kill"):
             pass
     assert any(f"pid {child.pid}" in r.message and "no longer running" in r.message for r in caplog.records)

@@ -17,17 +17,16 @@ import pytest
 import soundfile
 import torch
 
+from preprocess.audio.separate import demucs_input, piece_source_range
 from preprocess.pipeline import (
     Workspace,
-    piece_source_range,
+    load_model,
     run_clip_stages,
-    run_separate,
+    run_stage,
 )
-from preprocess.records import Candidate
-from preprocess.separate import demucs_input
-from preprocess.settings import load_settings
-from preprocess.stage_models import load_model
-from preprocess.standardise import AUDIO_FILE
+from preprocess.run.records import Candidate
+from preprocess.run.settings import load_settings
+from preprocess.video.standardise import AUDIO_FILE
 from synchrorama.sample_data import make_talking_video, speech_wav
 
 SOURCE_RATE, SECONDS = 48000, 8.0
@@ -97,7 +96,7 @@ def test_a_mono_source_is_duplicated_at_its_level_and_missing_audio_is_zeros(tmp
 
 @pytest.fixture(scope="module")
 def separated(source, tiny, tmp_path_factory, demucs_model):
-    """The real stages from the source file to run_separate, with Demucs' input captured on its way in."""
+    """The real stages from the source file to the separate stage, with Demucs' input captured on its way in."""
     import demucs.apply as demucs_apply
 
     workspace = Workspace(tmp_path_factory.mktemp("out"))
@@ -113,7 +112,7 @@ def separated(source, tiny, tmp_path_factory, demucs_model):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(demucs_apply, "apply_model", capturing_apply_model)
-        outcomes = [run_separate(piece, tiny, workspace) for piece in pieces]
+        outcomes = [run_stage("separate", piece, tiny, workspace) for piece in pieces]
     return workspace, outcomes, captured
 
 
@@ -159,5 +158,5 @@ def test_the_cache_key_follows_the_source_range(separated, tiny):
     workspace, outcomes, _ = separated
     keys = [outcome.features["separate"]["key"] for outcome in outcomes]
     assert keys[0] != keys[1]
-    again = run_separate(replace(outcomes[1], features={}, timings=()), tiny, workspace)
+    again = run_stage("separate", replace(outcomes[1], features={}, timings=()), tiny, workspace)
     assert again.features["separate"]["key"] == keys[1] and again.timings[-1].cached

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from preprocess.settings import load_settings
+from preprocess.run.settings import load_settings
 
 
 @pytest.mark.parametrize("dataset, language", [("hdtf", "en"), ("mead", "en"), ("folder", None), ("vfhq", None)])

@@ -16,16 +16,16 @@ import pytest
 from skimage import data as skimage_data
 from skimage.transform import resize
 
-from preprocess.filters import PieceStats, judge_piece, plan_pieces
-from preprocess.identity import LandmarkGeometry, identity_change
-from preprocess.media import feed_stdin, media_limits
 from preprocess.pipeline import (
     Workspace,
     run_clip_stages,
 )
-from preprocess.records import Candidate
-from preprocess.settings import load_settings
-from preprocess.shots import content_score, find_cuts, hsv_frame
+from preprocess.run.media import feed_stdin, media_limits
+from preprocess.run.records import Candidate
+from preprocess.run.settings import load_settings
+from preprocess.video.filters import PieceStats, judge_piece, plan_pieces
+from preprocess.video.identity import LandmarkGeometry, identity_change
+from preprocess.video.shots import content_score, find_cuts, hsv_frame
 from synchrorama.sample_data import speech_wav
 
 WIDTH, HEIGHT, FPS = 640, 360, 30
@@ -107,8 +107,8 @@ def test_content_score_is_zero_for_a_repeat_and_high_for_a_hard_cut():
 def test_the_frame_quality_meter_scores_exactly_as_pyscenedetect_s_figure(tmp_path):
     """The meter's uint8 OpenCV path (inside standardise's decode) gives content_score's int16 figure, bit for bit,
     also for the extremes (0 against 255, hue 0 against 179) and random pictures; frame 0 scores 0."""
-    from preprocess.frame_quality import FrameQualityMeter
-    from preprocess.settings import FrameQualitySettings
+    from preprocess.run.settings import FrameQualitySettings
+    from preprocess.video.frame_quality import FrameQualityMeter
 
     rng = np.random.default_rng(7)
     frames = [*_frames([(0.1, "blue", 1.0, 0), (0.1, "amber", 1.3, 40)]),
@@ -241,7 +241,7 @@ def test_two_faces_shown_alternately_are_rejected_identity_change(media):
 def test_the_new_figures_reach_the_clips_table(media):
     import pyarrow as pa
 
-    from preprocess.write_outputs import clip_row
+    from preprocess.run.outputs import clip_row
     from shards.tables import CLIPS_SCHEMA
 
     outcomes = select(media["cuts"], "folder", media["workspace"])

@@ -14,14 +14,19 @@ import pytest
 import soundfile
 import torch
 
-from preprocess.filters import audio_padding_per_frame
 from preprocess.pipeline import (
     Workspace,
     run_clip_stages,
 )
-from preprocess.records import Candidate
-from preprocess.settings import SpeechActivitySettings, load_settings
-from preprocess.speech_activity import frame_speech, load_silero_vad, measure_speech_activity, silero_identity
+from preprocess.run.records import Candidate
+from preprocess.run.settings import SpeechActivitySettings, load_settings
+from preprocess.video.filters import audio_padding_per_frame
+from preprocess.video.speech_activity import (
+    frame_speech,
+    load_silero_vad,
+    measure_speech_activity,
+    silero_identity,
+)
 from synchrorama.sample_data import make_talking_video, speech_wav
 
 RATE, FPS = 16000, 25
@@ -106,7 +111,7 @@ def test_state_does_not_leak_between_clips_or_threads(signals):
 
 
 def test_importing_silero_keeps_the_process_thread_count():
-    from preprocess import speech_activity
+    from preprocess.video import speech_activity
 
     torch_threads = torch.get_num_threads()
     speech_activity._timestamps_from_probs.cache_clear()

@@ -1,4 +1,4 @@
-"""The sync-expert filter (``preprocess.sync_check``, ``pipeline.run_sync``): known answers on generated talking
+"""The sync-expert filter (``preprocess.audio.sync_check``, its ``STAGE``): known answers on generated talking
 clips whose mouth opens with the speech's loudness (``synchrorama.sample_data.make_lip_sync_video``).
 
 A tiny SyncNetV2 is trained here (``tests/test_syncnet.py``'s ``train_tiny_expert``) on a 32 s clip of other
@@ -22,18 +22,8 @@ import pytest
 import soundfile
 
 from flows.preprocess import preprocess
-from preprocess import stage_models
-from preprocess.pipeline import (
-    Workspace,
-    piece_source_range,
-    run_clip_stages,
-    run_sync,
-)
-from preprocess.preflight import active_models
-from preprocess.records import Candidate
-from preprocess.settings import SyncSettings, load_settings
-from preprocess.standardise import AUDIO_FILE
-from preprocess.sync_check import (
+from preprocess.audio.separate import piece_source_range
+from preprocess.audio.sync_check import (
     _decide,
     check_sync,
     load_sync_expert,
@@ -42,7 +32,17 @@ from preprocess.sync_check import (
     shift_audio,
     sync_frames,
 )
-from preprocess.write_outputs import clip_row
+from preprocess.pipeline import (
+    Workspace,
+    run_clip_stages,
+    run_stage,
+)
+from preprocess.run import model_loading as stage_models
+from preprocess.run.outputs import clip_row
+from preprocess.run.preflight import active_models
+from preprocess.run.records import Candidate
+from preprocess.run.settings import SyncSettings, load_settings
+from preprocess.video.standardise import AUDIO_FILE
 from shards.tables import CLIPS_TABLE, TABLES_DIR
 from synchrorama.sample_data import lead_audio, make_lip_sync_video
 from tests.test_syncnet import train_tiny_expert
@@ -83,7 +83,7 @@ def expert(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def staged(expert, tmp_path_factory):
-    """Each generated clip (audio lead in frames, or unrelated speech) through the stages up to run_sync."""
+    """Each generated clip (audio lead in frames, or unrelated speech) through the stages up to the sync check."""
     path, _ = expert
     root = tmp_path_factory.mktemp("sync-staged")
     settings, workspace = _settings(path), Workspace(root / "out")
@@ -93,7 +93,7 @@ def staged(expert, tmp_path_factory):
         video = make_lip_sync_video(root / f"{name}.mp4", seconds=8, **kwargs)
         _, pieces = _pieces(video, settings, workspace)
         assert len(pieces) == 1 and pieces[0].kept, pieces
-        results[name] = (pieces[0], run_sync(pieces[0], settings, workspace))
+        results[name] = (pieces[0], run_stage("sync", pieces[0], settings, workspace))
     return settings, workspace, results
 
 
@@ -150,9 +150,9 @@ def test_a_cached_rerun_gives_the_same_verdicts_without_the_model(staged, monkey
     def no_model(*args, **kwargs):
         raise AssertionError("a cached sync check must not load its model")
 
-    monkeypatch.setattr("preprocess.pipeline.load_model", no_model)
+    monkeypatch.setattr("preprocess.audio.sync_check.load_model", no_model)
     for cut, checked in results.values():
-        again = run_sync(cut, settings, workspace)
+        again = run_stage("sync", cut, settings, workspace)
         assert (again.rejection, again.files_dir, again.features["sync"]["key"]) == (
             checked.rejection, checked.files_dir, checked.features["sync"]["key"])
         assert again.timings[-1].cached

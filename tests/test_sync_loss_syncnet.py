@@ -28,8 +28,8 @@ from model.syncnet import (
     SyncNetWeightsError,
     load_sync_loss_expert,
 )
-from model.train import main
-from preprocess.sync_check import save_sync_expert
+from model.training.train import main
+from preprocess.audio.sync_check import save_sync_expert
 
 TINY = str(Path(__file__).resolve().parent.parent / "configs" / "train_tiny.toml")
 

@@ -1,4 +1,4 @@
-"""What a multi-node run needs from ``model/train.py``, on the CPU: every tensor collective gets tensors on the
+"""What a multi-node run needs from ``model/training/train.py``, on the CPU: every tensor collective gets tensors on the
 training device (NCCL takes only the rank's GPU tensors; gloo, used here, takes anything, so the loop checks
 for it itself), ranks agree on the resume step, a resume with another world size or worker count stops with a
 clear error, SIGTERM saves a checkpoint that the next run continues from, and MFU counts model FLOPs only."""
@@ -23,15 +23,15 @@ import torch.distributed as dist
 from test_train_loader import write_training_shards
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import train as train_module
-from model.batch import TrainingBatch, fake_batch
 from model.config import tiny_config
 from model.emotion_embedding import EmotionFeatures
 from model.experts import LossExperts
 from model.schedule import train_scheduler
 from model.synchrorama import SynchroRamaModel
-from model.tiny_components import tiny_vae
-from model.train import (
+from model.training import train as train_module
+from model.training.batch import TrainingBatch, fake_batch
+from model.training.tiny_components import tiny_vae
+from model.training.train import (
     agree_on_step,
     any_rank,
     check_resume_layout,
@@ -40,7 +40,7 @@ from model.train import (
     mean_over_ranks,
     model_flops,
 )
-from model.training_step import StepOptions, training_losses
+from model.training.training_step import StepOptions, training_losses
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "train_tiny.toml")
@@ -122,7 +122,7 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_continues(shard_dir, tmp_pa
     args = ["--config", TINY, "--shards", str(shard_dir), "--out", str(out), "stage=stage2", "max_steps=400",
             "checkpoint_every=1000", "val_samples=0", "log_every=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "model.train", *args], cwd=REPO, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "model.training.train", *args], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log = out / "log.jsonl"
     try:

@@ -131,9 +131,9 @@ def test_cached_features_are_used_when_present(tmp_path):
     plain = next(iter(TrainingWindows(directory, _spec(prefer_cached=False), batch_size=2, shuffle_buffer=0)))
     assert "wav2vec" not in plain
 
-    from model.tiny_components import tiny_audio_encoder, tiny_vae
-    from model.train import training_batch
-    from model.train_config import TrainConfig
+    from model.training.tiny_components import tiny_audio_encoder, tiny_vae
+    from model.training.train import training_batch
+    from model.training.train_config import TrainConfig
 
     cfg = tiny_config()
     torch.manual_seed(0)

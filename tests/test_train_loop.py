@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 from test_train_loader import write_training_shards
 
-from model.train import learning_rate, main
-from model.train_config import TrainConfig, build_parser, parse_config
+from model.training.train import learning_rate, main
+from model.training.train_config import TrainConfig, build_parser, parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "train_tiny.toml")
@@ -125,7 +125,7 @@ def test_stage2_trains_on_what_the_tiny_preprocessing_profile_writes(tiny_featur
     # the contract between the two halves: shards from `preprocess(profile="tiny")` (wav2vec features, emotion
     # inputs, AUs, CLIP text embeddings, 512 px latents) feed the tiny model with nothing recomputed or zeroed
     _, out, _, _ = tiny_feature_run
-    with caplog.at_level("WARNING", logger="model.train"):
+    with caplog.at_level("WARNING", logger="model.training.train"):
         result = _run(out / "shards", tmp_path, "stage=stage2", "max_steps=2", "num_workers=0", "val_samples=0",
                       "checkpoint_every=1000")
     assert [r["step"] for r in result.records] == [1, 2]

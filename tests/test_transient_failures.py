@@ -25,21 +25,18 @@ import pytest
 from media_fixtures import make_test_audio, make_test_video
 from media_fixtures import run_ffmpeg as write_media
 
-from preprocess.cache import StageCache
-from preprocess.failures import EnvironmentFailure, is_environment_error
-from preprocess.media import FfmpegError, iter_rgb_frames, run_ffmpeg
 from preprocess.pipeline import (
     Workspace,
-    run_faces,
-    run_locate,
-    run_probe,
     run_select,
-    run_standardise,
+    run_stage,
     start_job,
 )
-from preprocess.probe import ffprobe_json, probe_video
-from preprocess.records import Candidate, ProbeResult, Rejection
-from preprocess.settings import load_settings
+from preprocess.run.cache import StageCache
+from preprocess.run.failures import EnvironmentFailure, is_environment_error
+from preprocess.run.media import FfmpegError, iter_rgb_frames, run_ffmpeg
+from preprocess.run.records import Candidate, ProbeResult, Rejection
+from preprocess.run.settings import load_settings
+from preprocess.video.probe import ffprobe_json, probe_video
 
 SETTINGS = load_settings("tiny")
 
@@ -80,7 +77,7 @@ class Killer(threading.Thread):
 
 def _upstream(video: Path, workspace: Workspace, settings=SETTINGS):
     job = start_job(Candidate("speaker", str(video), "folder"), workspace)
-    return run_locate(run_probe(job, settings, workspace), settings, workspace)
+    return run_stage("locate", run_stage("probe", job, settings, workspace), settings, workspace)
 
 
 def _timing(job_or_outcome, stage: str):
@@ -99,7 +96,7 @@ def test_an_ffmpeg_killed_mid_encode_is_retried_and_a_clean_rerun_keeps_the_clip
     assert job.rejection is None, job.rejection
     killer = Killer(str(tmp_path / "out" / "work" / "standardise" / ".tmp-"))
     killer.start()
-    killed = run_standardise(job, settings, workspace)
+    killed = run_stage("standardise", job, settings, workspace)
     killer.join()
     assert killer.killed, "the encode finished before it could be killed"
     assert killed.rejection is not None
@@ -107,7 +104,7 @@ def test_an_ffmpeg_killed_mid_encode_is_retried_and_a_clean_rerun_keeps_the_clip
     assert "MediaToolKilled" in killed.rejection.detail and "SIGKILL" in killed.rejection.detail
     assert not [p for p in (tmp_path / "out" / "work" / "standardise").iterdir()], "something was cached"
 
-    rerun = run_standardise(job, settings, workspace)
+    rerun = run_stage("standardise", job, settings, workspace)
     assert rerun.rejection is None, rerun.rejection
     assert rerun.standardised.n_frames == 125 and not _timing(rerun, "standardise").cached
 
@@ -161,13 +158,13 @@ def test_a_full_disk_during_standardise_fails_the_run_instead_of_rejecting_the_c
     job = _upstream(frontal_video, workspace)
     workspace.cache = FullDiskCache(workspace.cache.root)
     with pytest.raises(EnvironmentFailure) as raised:
-        run_standardise(job, SETTINGS, workspace)
+        run_stage("standardise", job, SETTINGS, workspace)
     assert "stage standardise cannot run in this environment" in str(raised.value)
     assert "No space left on device" in str(raised.value)
     assert not list((tmp_path / "out" / "work" / "standardise").iterdir())  # nothing cached
     # with space again, the same clip goes through
     workspace.cache = StageCache(workspace.cache.root)
-    assert run_standardise(job, SETTINGS, workspace).rejection is None
+    assert run_stage("standardise", job, SETTINGS, workspace).rejection is None
 
 
 # ---------------------------------------------------------------- cache entries verify their files
@@ -178,7 +175,7 @@ def test_a_deleted_or_truncated_cache_file_is_recomputed_and_the_clip_kept(front
     workspace = Workspace(tmp_path / "out")
 
     def through_select():
-        job = run_faces(run_standardise(_upstream(frontal_video, workspace), SETTINGS, workspace), SETTINGS,
+        job = run_stage("faces", run_stage("standardise", _upstream(frontal_video, workspace), SETTINGS, workspace), SETTINGS,
                         workspace)
         [piece] = run_select(job, SETTINGS, workspace)
         return job, piece
@@ -194,14 +191,14 @@ def test_a_deleted_or_truncated_cache_file_is_recomputed_and_the_clip_kept(front
     with open(clip_dir / "clip.mp4", "r+b") as handle:  # cut short
         handle.truncate(sizes[clip_dir / "clip.mp4"] // 2)
 
-    with caplog.at_level(logging.WARNING, logger="preprocess.cache"):
+    with caplog.at_level(logging.WARNING, logger="preprocess.run.cache"):
         job, piece = through_select()
     assert piece.kept, piece.rejection
     assert not _timing(job, "standardise").cached and not _timing(piece, "cut").cached
     assert _timing(job, "faces").cached  # only the damaged entries were recomputed
     assert {path: path.stat().st_size for path in sizes} == sizes
     messages = "\n".join(record.getMessage() for record in caplog.records)
-    # the piece's clip.mp4 is a hard link of the whole standardised clip (preprocess/cut.py): cut short with it, and
+    # the piece's clip.mp4 is a hard link of the whole standardised clip (preprocess/video/cut.py): cut short with it, and
     # found first; its deleted clip.wav alone would have been found too
     assert any(f"{piece_dir}" in line and ("clip.wav is missing" in line or "clip.mp4 has" in line)
                for line in messages.splitlines())
@@ -316,7 +313,7 @@ def test_the_probe_stage_caches_the_still_image_verdict(tmp_path):
     video.parent.mkdir()
     video.write_bytes(png.read_bytes())
     workspace = Workspace(tmp_path / "out")
-    job = run_probe(start_job(Candidate("still", str(video), "folder"), workspace), SETTINGS, workspace)
+    job = run_stage("probe", start_job(Candidate("still", str(video), "folder"), workspace), SETTINGS, workspace)
     assert (job.rejection.stage, job.rejection.reason) == ("probe", "still_image")
-    again = run_probe(start_job(Candidate("still", str(video), "folder"), workspace), SETTINGS, workspace)
+    again = run_stage("probe", start_job(Candidate("still", str(video), "folder"), workspace), SETTINGS, workspace)
     assert again.rejection.reason == "still_image" and _timing(again, "probe").cached

@@ -11,29 +11,26 @@ import pyloudnorm
 import pytest
 import soundfile
 
-from preprocess.cache import StageCache
-from preprocess.crop import choose_crop_box
-from preprocess.discover import folder_candidates
-from preprocess.face_models import mesh_landmarks, new_face_mesh
-from preprocess.faces import track_faces
-from preprocess.filters import judge_piece, piece_stats, plan_pieces
-from preprocess.frame_quality import CONTENT_SCORES_FILE, SHARPNESS_FILE
-from preprocess.head_pose import head_pose_from_landmarks, rotation_matrix
-from preprocess.locate import FaceSurvey, survey_faces
-from preprocess.media import iter_rgb_frames, run_ffmpeg
+from preprocess.datasets.video_files import folder_candidates
 from preprocess.pipeline import (
     Workspace,
-    run_faces,
-    run_locate,
-    run_probe,
     run_select,
-    run_standardise,
+    run_stage,
     start_job,
 )
-from preprocess.probe import probe_video
-from preprocess.records import Candidate, CropBox
-from preprocess.settings import load_settings
-from preprocess.standardise import standardise_clip
+from preprocess.run.cache import StageCache
+from preprocess.run.media import iter_rgb_frames, run_ffmpeg
+from preprocess.run.records import Candidate, CropBox
+from preprocess.run.settings import load_settings
+from preprocess.video.crop import choose_crop_box
+from preprocess.video.face_models import mesh_landmarks, new_face_mesh
+from preprocess.video.faces import track_faces
+from preprocess.video.filters import judge_piece, piece_stats, plan_pieces
+from preprocess.video.frame_quality import CONTENT_SCORES_FILE, SHARPNESS_FILE
+from preprocess.video.head_pose import head_pose_from_landmarks, rotation_matrix
+from preprocess.video.locate import FaceSurvey, survey_faces
+from preprocess.video.probe import probe_video
+from preprocess.video.standardise import standardise_clip
 
 SETTINGS = load_settings("tiny")
 
@@ -221,7 +218,7 @@ def test_streams_that_start_apart_stay_aligned_with_the_picture(tmp_path):
 
 
 def test_a_folder_dataset_finds_every_common_video_container_and_nothing_else(tmp_path):
-    from preprocess.discover import folder_candidates
+    from preprocess.datasets.video_files import folder_candidates
 
     names = ["a.mp4", "a.avi", "b.flv", "c.ts", "d.M4V", "e.mpg", "sub/f.wmv", "sub/g.3gp", "notes.txt",
              "speech.wav", ".hidden.mp4"]
@@ -265,7 +262,7 @@ def test_the_face_mesh_sees_the_clips_own_frames_in_order(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_face_landmarks_come_from_standardise_s_decode_and_match_a_second_decode(frontal_video, tmp_path):
-    """run_faces picks up the landmarks the face mesh made inside standardise (hard links, no second copy); they
+    """The faces stage picks up the landmarks the face mesh made inside standardise (hard links, no second copy); they
     match, frame for frame, the landmarks of a second decode of clip.mp4 (the two-decode design) up to x264's
     loss; frame quality is there for every frame too."""
     raw = tmp_path / "raw"
@@ -273,8 +270,8 @@ def test_face_landmarks_come_from_standardise_s_decode_and_match_a_second_decode
     (raw / "frontal.mp4").symlink_to(frontal_video)
     workspace = Workspace(tmp_path / "out")
     job = start_job(folder_candidates(raw)[0], workspace)
-    for stage in (run_probe, run_locate, run_standardise, run_faces):
-        job = stage(job, SETTINGS, workspace)
+    for stage in ("probe", "locate", "standardise", "faces"):
+        job = run_stage(stage, job, SETTINGS, workspace)
     assert job.rejection is None, job.rejection
     clip_dir = workspace.cache.entry_dir("standardise", job.standardise_key)
     faces_dir = workspace.cache.entry_dir("faces", job.faces_key)

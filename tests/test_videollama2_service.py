@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from preprocess.describe_videollama2 import (
+from preprocess.run.failures import is_environment_error
+from preprocess.visual.describe_videollama2 import (
     DEFAULT_DEPLOYMENT,
     ClipCaptionError,
     VideoLLaMA2DeploymentCaptioner,
     VideoLLaMA2ServiceError,
 )
-from preprocess.failures import is_environment_error
 from synchrorama.prefect_server import is_healthy
 from synchrorama.sample_data import make_talking_video
 
@@ -305,14 +305,14 @@ def test_client_captions_through_the_served_deployment(served, media):
 
 
 def test_describe_stage_in_a_prefect_task_sends_clip_paths(served, media, tmp_path):
-    """run_describe inside a task of a flow, as flows/preprocess.py runs it: a readable clip is described with
+    """The describe stage inside a task of a flow, as flows/preprocess.py runs it: a readable clip is described with
     what the model saw, an unreadable one is rejected ``error`` and the run goes on."""
     from prefect import flow, task
 
-    from preprocess.pipeline import ClipJob, PieceOutcome, Workspace, run_describe
-    from preprocess.records import Candidate
-    from preprocess.settings import load_settings
-    from preprocess.stage_models import clear_cache
+    from preprocess.pipeline import ClipJob, PieceOutcome, Workspace, run_stage
+    from preprocess.run.model_loading import clear_cache
+    from preprocess.run.records import Candidate
+    from preprocess.run.settings import load_settings
 
     settings = load_settings("tiny", {"models": {"captioning": {"model": f"videollama2:{media['checkpoint']}"}}})
     pieces = []
@@ -325,7 +325,7 @@ def test_describe_stage_in_a_prefect_task_sends_clip_paths(served, media, tmp_pa
 
     @task
     def describe_task(piece: PieceOutcome) -> PieceOutcome:
-        return run_describe(piece, settings, Workspace(tmp_path / "out"))
+        return run_stage("describe", piece, settings, Workspace(tmp_path / "out"))
 
     @flow
     def describe_flow() -> list[PieceOutcome]:

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from preprocess.action_units import GEOMETRIC_AU_NAMES, GeometricAUs
-from preprocess.describe import DEFAULT_PROMPT
-from preprocess.latents import psnr
-from preprocess.settings import load_settings
-from preprocess.stage_models import load_model
+from preprocess.pipeline import load_model
+from preprocess.run.settings import DEFAULT_CAPTION_PROMPT as DEFAULT_PROMPT
+from preprocess.run.settings import load_settings
+from preprocess.visual.action_units import GEOMETRIC_AU_NAMES, GeometricAUs
+from preprocess.visual.latents import psnr
 from shards.reader import clip_dataset
 from shards.schema import AUS_MEMBER, DESCRIPTION_MEMBER, LATENTS_MEMBER, OPTIONAL_MEMBERS, REQUIRED_MEMBERS
 from shards.tables import ACTION_UNITS_TABLE, DESCRIPTIONS_TABLE, TABLES_DIR

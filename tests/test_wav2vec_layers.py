@@ -13,11 +13,10 @@ from test_audio_stages import _chord, _piece
 from test_train_loader import _mp4, _npy, _wav, write_training_shards
 
 from model.config import tiny_config
-from preprocess.pipeline import Workspace, run_audio_stages
-from preprocess.settings import Wav2VecSettings, load_settings
-from preprocess.stage_models import load_model
-from preprocess.wav2vec_features import wav2vec_frames
-from preprocess.write_outputs import audio_metadata
+from preprocess.audio.wav2vec_features import wav2vec_frames
+from preprocess.pipeline import Workspace, load_model, run_audio_stages
+from preprocess.run.outputs import audio_metadata
+from preprocess.run.settings import Wav2VecSettings, load_settings
 from shards.schema import ShardSample, clip_metadata, encode_json
 from shards.training_loader import TrainingWindows, Wav2VecLayersMismatch, WindowSpec
 from shards.writer import write_shards

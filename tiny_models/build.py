@@ -17,7 +17,7 @@ copied verbatim. ``build_tiny_models(directory)`` writes, under ``directory``:
                                  (real: j-hartmann/emotion-english-distilroberta-base)
     speech-emotion/              HubertForSequenceClassification with the weighted layer sum, labels
                                  neu/hap/ang/sad (real: superb/hubert-large-superb-er)
-    valence-arousal/             preprocess.va_model.EmotionModel, layer-norm wav2vec 2.0 + regression head
+    valence-arousal/             preprocess.audio.va_model.EmotionModel, layer-norm wav2vec 2.0 + regression head
                                  (real: audeering/wav2vec2-large-robust-12-ft-emotion-msp-dim)
     wav2vec2/                    a Wav2Vec2ForCTC checkpoint, which the stage loads as Wav2Vec2Model
                                  (real: facebook/wav2vec2-base-960h)
@@ -199,7 +199,7 @@ def _build_valence_arousal(out: Path) -> None:
     import torch
     from transformers import Wav2Vec2Config
 
-    from preprocess.va_model import EmotionModel
+    from preprocess.audio.va_model import EmotionModel
 
     torch.manual_seed(2)
     real = load_real_json(REAL_VALENCE_AROUSAL)
