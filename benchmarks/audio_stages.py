@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
 import torch  # noqa: E402
 
+import tiny_models  # noqa: E402
 from preprocess.pipeline import (  # noqa: E402
     AUDIO_STAGES,
     ClipJob,
@@ -31,10 +32,13 @@ from preprocess.pipeline import (  # noqa: E402
     load_model,  # noqa: E402
     run_stage,
 )
+from preprocess.run.model_loading import register_tiny_builder  # noqa: E402
 from preprocess.run.records import Candidate  # noqa: E402
 from preprocess.run.settings import load_settings  # noqa: E402
 from preprocess.video.standardise import AUDIO_FILE, StandardisedClip  # noqa: E402
 from synchrorama.sample_data import speech_wav  # noqa: E402
+
+register_tiny_builder(tiny_models.BUILDER)  # the tiny profile's models, built on first use
 
 MODEL_OF_STAGE = {"separate": "separation", "transcribe": "transcription", "text_emotion": "text_emotion",
                   "speech_emotion": "speech_emotion", "valence_arousal": "valence_arousal", "wav2vec": "wav2vec"}

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
 import torch  # noqa: E402
 
+import tiny_models  # noqa: E402
 from preprocess.pipeline import (  # noqa: E402
     ClipJob,
     PieceOutcome,
@@ -42,9 +43,12 @@ from preprocess.pipeline import (  # noqa: E402
     run_stage,
 )
 from preprocess.run.cache import FILES_KEY, RESULT_FILE  # noqa: E402
+from preprocess.run.model_loading import register_tiny_builder  # noqa: E402
 from preprocess.run.records import Candidate  # noqa: E402
 from preprocess.run.settings import load_settings  # noqa: E402
 from preprocess.video.standardise import VIDEO_FILE  # noqa: E402
+
+register_tiny_builder(tiny_models.BUILDER)  # the tiny profile's models, built on first use
 
 STAGE_MODELS = {"text_emotion": "text_emotion", "valence_arousal": "valence_arousal", "describe": "captioning",
                 "text_embedding": "text_encoder", "latents": "vae"}

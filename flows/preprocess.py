@@ -48,12 +48,14 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+import tiny_models
 from flows.engines import build_task_runner, engine_workers, gpu_resources
 from flows.gpu_limit import ensure_gpu_limit
 from preprocess.datasets.discover import DATASETS, discover_candidates, looked_for
 from preprocess.pipeline import run_model_group, run_video_group
 from preprocess.run.failures import RunFailed, check_failure_shares, is_environment_error
 from preprocess.run.job import ClipJob, PieceOutcome, Workspace
+from preprocess.run.model_loading import register_tiny_builder
 from preprocess.run.outputs import (
     TINY_MODELS_WARNING,
     publish_partitions,
@@ -79,6 +81,10 @@ from preprocess.run.settings import PreprocessSettings, load_settings
 from shards.output_lock import hold_output_lock
 from shards.schema import SHARD_NAME_PATTERN
 from shards.tables import SHARDS_DIR
+
+# The tiny profile's models are built on first use in whatever process runs this flow (a served deployment's
+# subprocess, a Dask or Ray worker): the stages themselves never import test-model builders.
+register_tiny_builder(tiny_models.BUILDER)
 
 # Our own cache (in out_dir) decides what is redone, so Prefect's result cache is off for every task.
 _stage = {"cache_policy": NONE, "persist_result": False}
