@@ -34,6 +34,7 @@ Callable without a server, as a plain function::
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import replace
@@ -78,9 +79,10 @@ from preprocess.run.partitions import (
 from preprocess.run.preflight import load_active_models
 from preprocess.run.records import Rejection
 from preprocess.run.settings import PreprocessSettings, load_settings
+from shards.leftovers import remove_leftovers
 from shards.output_lock import hold_output_lock
 from shards.schema import SHARD_NAME_PATTERN
-from shards.tables import SHARDS_DIR
+from shards.tables import SHARDS_DIR, SUMMARY_FILE
 
 # The tiny profile's models are built on first use in whatever process runs this flow (a served deployment's
 # subprocess, a Dask or Ray worker): the stages themselves never import test-model builders.
@@ -267,6 +269,28 @@ def _refuse_empty_publish(records: list[dict[str, Any]], out: Path) -> None:
         f"replace_with_empty=true (prefect: -p replace_with_empty=true)")
 
 
+def _refuse_subset_over_published(out: Path, limit: int, n_candidates: int) -> None:
+    """A quick look (``limit``) must not replace a published full dataset: refused before any work, unless the
+    published dataset is itself a subset (an earlier quick look)."""
+    published = _published_shards(out)
+    if not published:
+        return
+    try:
+        summary = json.loads((out / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):
+        summary = {}
+    if not isinstance(summary, dict):
+        summary = {}
+    if summary.get("limit") is not None:
+        return
+    raise RunFailed(
+        f"limit={limit} processes {limit} of the {n_candidates} candidates, and {out} holds a published dataset "
+        f"({len(published)} shards, {summary.get('n_kept', '?')} clips) that publishing the subset would replace. "
+        f"Write the quick look elsewhere (another out_dir), or rerun with publish_subset=true (prefect: -p "
+        f"publish_subset=true; synchrorama run --publish-subset) to replace it with the subset on purpose. Nothing "
+        f"was written")
+
+
 def _no_candidates_message(dataset: str, raw_dir: Path, annotations_dir: Path | None, pattern: str,
                            settings: PreprocessSettings | None = None) -> str:
     looked = looked_for(dataset, raw_dir, annotations_dir, pattern, settings.layouts if settings else None)
@@ -285,6 +309,7 @@ def preprocess(
     overrides: dict[str, Any] | None = None,
     limit: int | None = None,
     replace_with_empty: bool = False,
+    publish_subset: bool = False,
 ) -> dict[str, Any]:
     """Turn raw talking-face videos into 512x512, 25 fps clips in WebDataset shards plus parquet tables.
 
@@ -297,7 +322,9 @@ def preprocess(
     annotations_dir: HDTF annotation files, when not in raw_dir; VFHQ meta-info files (default raw_dir/meta_info).
     pattern: glob of videos under raw_dir for folder datasets.
     overrides: nested settings overrides, e.g. {"filters": {"max_abs_yaw_deg": 30}}.
-    limit: process only the first N candidates (sorted by id), for a quick look.
+    limit: process only the first N candidates (sorted by id), for a quick look. Refused on an out_dir that holds
+        a published dataset of a full run (it would replace it): write the quick look to another out_dir.
+    publish_subset: let a run with ``limit`` replace a published full dataset with its subset, on purpose.
     replace_with_empty: let a run that keeps no clip replace published shards with an empty dataset (without
         it, such a run fails and leaves them untouched).
     """
@@ -309,10 +336,17 @@ def preprocess(
     # Held for the whole run, before any clean-up or write: a second run on this out_dir is refused at once
     # instead of deleting this run's temp files and publishing over it. The kernel frees it if we are killed.
     with hold_output_lock(out, f"preprocess {dataset} (flow run {flow_run.id})"):
+        # under the lock, before this run writes anything: every temp there is a dead run's, whatever host it names
+        left = remove_leftovers(out) if out.is_dir() else []
+        if left:
+            logger.info("removed %d temp files and folders that interrupted runs left in %s", len(left), out)
         raw, annotations = Path(raw_dir).resolve(), Path(annotations_dir).resolve() if annotations_dir else None
         candidates, issues = discover_candidates(dataset, raw, annotations, pattern, settings.layouts)
         if not candidates:
             raise RunFailed(_no_candidates_message(dataset, raw, annotations, pattern, settings))
+        subset = limit is not None and limit < len(candidates)
+        if subset and not publish_subset:
+            _refuse_subset_over_published(out, limit, len(candidates))
         if limit is not None:
             candidates = candidates[:limit]
         logger.info("%d candidate clips from %s (%s), %d annotation issues; output in %s",
@@ -332,9 +366,6 @@ def preprocess(
             # every model the unfinished partitions need, before any clip: a broken setup fails once, naming them all
             loaded = load_models_task.with_options(timeout_seconds=settings.limits.task_timeout_s)(settings)
             logger.info("models loaded:\n  %s", "\n  ".join(loaded))
-            removed = workspace.cache.remove_leftovers()
-            if removed:
-                logger.info("removed %d unfinished work directories left by an interrupted run", removed)
             ensure_gpu_limit(settings.partitions.gpu_limit_name, settings.partitions.gpu_slots)
             cpu_slots = engine_workers(settings.engine, settings.workers)
             # threads: the pool holds the CPU and the GPU slots, so a model group never waits behind video work
@@ -352,8 +383,10 @@ def preprocess(
                                               for (_, key), partition_record in zip(keyed, records, strict=True)],
                                              issues, settings, out, run_id=str(flow_run.id),
                                              extra={"dataset": dataset, "profile": profile,
-                                                    "n_partitions_reused": len(finished)})
-        removed = remove_stale_partitions(workspace, {key for _, key in keyed})
+                                                    "n_partitions_reused": len(finished),
+                                                    "limit": limit if subset else None})
+        # a subset keeps the full run's partitions: the next full run reuses them
+        removed = 0 if subset else remove_stale_partitions(workspace, {key for _, key in keyed})
         if removed:
             logger.info("removed %d partition directories of earlier runs that this run no longer uses", removed)
     logger.info("summary\n%s", summary.as_text())

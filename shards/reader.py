@@ -71,6 +71,7 @@ from shards.schema import (
     shard_manifest_name,
     shard_tar_index,
 )
+from shards.tables import PUBLISHING_MARKER
 
 __all__ = ["LOST", "VERIFY_MODES", "ClipDecodeError", "SkipCounter", "clip_dataset", "collate_clips", "decode_clip",
            "shard_urls", "verified_samples"]
@@ -122,8 +123,8 @@ class SkipCounter:
 def shard_urls(urls: str | Path | Sequence[str | Path]) -> str | list[str]:
     """Expand local shard directories into their tar files; pass every other URL spec through.
 
-    A directory expands to the shards listed in its ``index.json``, or, while it has none, to its
-    ``shard-*.tar`` files in name order. Brace specs (``shard-{000000..000009}.tar``), ``pipe:`` commands
+    A directory expands to the shards listed in its ``index.json`` (``expand_local_directory``: a folder that is
+    not a whole published set is refused). Brace specs (``shard-{000000..000009}.tar``), ``pipe:`` commands
     and remote URLs are left for WebDataset to expand.
     """
     if isinstance(urls, (str, Path)):
@@ -136,25 +137,52 @@ def shard_urls(urls: str | Path | Sequence[str | Path]) -> str | list[str]:
     return result
 
 
+class UnpublishedShardsError(RuntimeError):
+    """A local shard folder that is not a whole published set: its publish is running or was interrupted, it has
+    no index, or its index disagrees with the files; the message names the fix."""
+
+
 def expand_local_directory(url: str | Path) -> list[str] | None:
-    """The shard files of a local directory, or ``None`` if ``url`` is not one."""
+    """The shard files of a local directory, as its ``index.json`` lists them, or ``None`` if ``url`` is not one.
+
+    Refused (``UnpublishedShardsError``): a folder whose out_dir is being published or whose publish was interrupted
+    (``publishing.json`` beside it), a folder without ``index.json``, an index that lists a shard twice, and an index
+    that disagrees with the shard files there (listed but missing, or there but not listed). A reader must never
+    train on a part of a dataset without saying so."""
     if isinstance(url, str) and ("://" in url or url.startswith("pipe:")):
         return None
     directory = Path(url)
     if not directory.is_dir():
         return None
+    marker = directory.parent / PUBLISHING_MARKER
+    if marker.exists():
+        raise UnpublishedShardsError(
+            f"{directory.parent} is being published, or its publish was interrupted ({marker} exists): its shards "
+            f"may be part of one run and part of another. Wait for the run to finish, or rerun the preprocess flow "
+            f"on it to finish the publish; `synchrorama validate {directory.parent}` says which")
     index_path = directory / INDEX_NAME
-    if index_path.exists():
-        index = json.loads(index_path.read_text())
-        # Checked before joining: a name like "../../etc/hostname" must never reach open().
-        tars = [str(directory / check_index_entry(shard.get("tar") if isinstance(shard, dict) else shard,
-                                                  index_path))
-                for shard in index["shards"]]
-    else:
-        tars = [str(path) for path in sorted(directory.glob(SHARD_TAR_GLOB))]
-    if not tars:
+    if not index_path.exists():
+        raise UnpublishedShardsError(
+            f"{directory} has no {INDEX_NAME}: it is not a finished shard set (a publish or a write was "
+            f"interrupted). Rerun the preprocess flow on its out_dir to finish it, or name the shards explicitly "
+            f"(a brace spec such as {directory}/shard-{{000000..000009}}.tar)")
+    index = json.loads(index_path.read_text())
+    # Checked before joining: a name like "../../etc/hostname" must never reach open().
+    names = [check_index_entry(shard.get("tar") if isinstance(shard, dict) else shard, index_path)
+             for shard in index["shards"]]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UnpublishedShardsError(f"{index_path} lists {', '.join(twice)} more than once: every sample would be "
+                                     "read twice. Rewrite the index by rerunning the preprocess flow")
+    on_disk = {path.name for path in directory.glob(SHARD_TAR_GLOB)}
+    missing, unlisted = sorted(set(names) - on_disk), sorted(on_disk - set(names))
+    if missing or unlisted:
+        raise UnpublishedShardsError(
+            f"{index_path} disagrees with the shard files: listed but missing {missing or 'none'}, there but not "
+            f"listed {unlisted or 'none'}. Rerun the preprocess flow on its out_dir (or `synchrorama validate`)")
+    if not names:
         raise FileNotFoundError(f"no shards in {directory}")
-    return tars
+    return [str(directory / name) for name in names]
 
 
 def is_local(url: str | Path) -> bool:

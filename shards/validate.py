@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile
 
+from shards.leftovers import find_leftovers
 from shards.output_lock import live_holder
 from shards.schema import (
     AUDIO_MEMBER,
@@ -69,7 +70,6 @@ from shards.tables import (
     PUBLISHING_MARKER,
     SHARDS_DIR,
     SUMMARY_FILE,
-    TABLE_TEMP_PATTERN,
     TABLES_DIR,
     committed_state,
 )
@@ -378,7 +378,8 @@ def validate_output(out_dir: Path) -> list[str]:
     Checks ``validate_shards`` on ``shards/`` plus: no ``publishing.json`` (an interrupted publish, or one running
     now); a ``summary.json`` with status complete whose committed index.json sha256, shard list and table row
     counts are those on disk now; every kept row of ``clips.parquet`` names exactly the shard whose manifest holds
-    it, no shard clip without a kept row, no rejected row with a shard; no temp files left in ``tables/``."""
+    it, no shard clip without a kept row, no rejected row with a shard; no temp file or folder left anywhere in it
+    while no run holds it (``shards.leftovers``; shards/ has its own check)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return [f"{out_dir}: not a directory"]
@@ -400,11 +401,10 @@ def validate_output(out_dir: Path) -> list[str]:
                             "summary.json may disagree; rerun preprocess on this out_dir to complete it")
     shard_dir = out_dir / SHARDS_DIR
     problems += [f"{SHARDS_DIR}/{problem}" for problem in validate_shards(shard_dir)]
-    tables_dir = out_dir / TABLES_DIR
-    if tables_dir.is_dir():
-        problems += [f"{TABLES_DIR}/{path.name}: leftover temp file of an interrupted table write (the next run "
-                     f"removes it)" for path in sorted(tables_dir.iterdir())
-                     if TABLE_TEMP_PATTERN.fullmatch(path.name)]
+    if live_holder(out_dir) is None:  # a live run's temps are work in progress
+        problems += [f"{path.relative_to(out_dir)}: leftover temp {'folder' if path.is_dir() else 'file'} of an "
+                     f"interrupted write (the next run on this out_dir removes it)"
+                     for path in find_leftovers(out_dir) if not path.is_relative_to(out_dir / SHARDS_DIR)]
     problems += _check_summary(out_dir)
     shard_of = _index_clips(shard_dir) if shard_dir.is_dir() else None
     if shard_of is not None:

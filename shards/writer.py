@@ -19,6 +19,7 @@ One writer per shard directory at a time: a run removes the temp files that it f
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -310,15 +311,19 @@ def remove_stale_shards(shard_dir: Path, n_shards: int) -> list[Path]:
     return stale
 
 
-def publish_shards(parts: Sequence[tuple[Path, Sequence[ShardManifest]]], shard_dir: Path) -> list[ShardManifest]:
+def publish_shards(parts: Sequence[tuple[Path, Sequence[ShardManifest]]], shard_dir: Path, *,
+                   hard_links: bool = False) -> list[ShardManifest]:
     """Publish shards written elsewhere (each partition's own ``shards/``) as one numbered set in ``shard_dir``.
 
     Each part's shards keep their order and are renumbered consecutively after the previous part's. A tar is
-    hard-linked, not copied (same file system: no byte is stored twice; otherwise copied), through a temp name and
-    a rename, so a published name never holds a partial file and a rewritten partition tar (a new file) never
-    changes a published one. A published tar that already is the same file is left as it is. Manifests are
-    written after their tars, index.json last; stale shards and leftover temp files are removed."""
+    copied (a reflink where the file system has them: no bytes duplicated until one side changes), or hard-linked
+    with ``hard_links``, through a temp name and a rename, so a published name never holds a partial file. A
+    published tar is kept only when it holds exactly its manifest's bytes (size and sha256); one that differs (a
+    shard damaged in place) is rebuilt from its source, with a warning. Every source is checked the same way
+    before anything in ``shard_dir`` changes (``PublishSourceError`` otherwise). Manifests are written after their
+    tars, index.json last; stale shards and leftover temp files are removed."""
     shard_dir = Path(shard_dir)
+    check_publish_sources(parts, shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
     remove_temp_files(shard_dir)
     (shard_dir / INDEX_NAME).unlink(missing_ok=True)
@@ -328,9 +333,9 @@ def publish_shards(parts: Sequence[tuple[Path, Sequence[ShardManifest]]], shard_
             manifest = replace(local, index=len(manifests), reused=False)
             source, target = Path(part_dir) / local.tar_name, shard_dir / manifest.tar_name
             manifest_path = shard_dir / manifest.manifest_name
-            if not (target.exists() and os.path.samefile(source, target)):
+            if not _already_published(source, target, manifest, hard_links):
                 manifest_path.unlink(missing_ok=True)  # the "done" marker goes before its tar changes
-                _link_or_copy(source, target)
+                _copy_or_link(source, target, hard_links)
             if not (manifest_path.is_file() and manifest_path.read_bytes() == encode_json(manifest.to_json())):
                 write_atomically(manifest_path, encode_json(manifest.to_json()))
             manifests.append(manifest)
@@ -340,21 +345,74 @@ def publish_shards(parts: Sequence[tuple[Path, Sequence[ShardManifest]]], shard_
     return manifests
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    """``target`` becomes ``source``'s content, atomically: a hard link (a copy across file systems) under a temp
-    name, then a rename over ``target``."""
+class PublishSourceError(RuntimeError):
+    """A shard to publish is missing or is not what its manifest records; nothing was published."""
+
+
+def check_publish_sources(parts: Sequence[tuple[Path, Sequence[ShardManifest]]], shard_dir: Path) -> None:
+    """Raise ``PublishSourceError`` naming the first source shard that is missing or changed."""
+    for part_dir, part_manifests in parts:
+        for local in part_manifests:
+            problem = shard_file_problem(Path(part_dir) / local.tar_name, local)
+            if problem is not None:
+                raise PublishSourceError(f"cannot publish: {problem}; nothing in {shard_dir} was changed")
+
+
+def shard_file_problem(tar: Path, manifest: ShardManifest) -> str | None:
+    """Why ``tar`` is not the shard ``manifest`` describes (missing, another size, another sha256), or None."""
+    if not tar.is_file():
+        return f"{tar} is missing"
+    size = tar.stat().st_size
+    if size != manifest.n_bytes:
+        return f"{tar} has {size} bytes, its manifest says {manifest.n_bytes}"
+    if file_sha256(tar) != manifest.sha256:
+        return f"{tar} does not have its manifest's sha256"
+    return None
+
+
+def _already_published(source: Path, target: Path, manifest: ShardManifest, hard_links: bool) -> bool:
+    """Whether ``target`` already holds the shard, in the form asked for (a link to ``source``, or its own copy)."""
+    if not target.exists():
+        return False
+    if os.path.samefile(source, target) != hard_links:
+        return False
+    if hard_links:
+        return True  # the same file as the source, which was just verified
+    problem = shard_file_problem(target, manifest)
+    if problem is not None:
+        log.warning("published shard %s differs from its manifest (%s): rebuilt from its partition", target, problem)
+    return problem is None
+
+
+def _copy_or_link(source: Path, target: Path, hard_link: bool) -> None:
+    """``target`` becomes ``source``'s content, atomically: a copy (a reflink where possible) or a hard link under a
+    temp name, then a rename over ``target``."""
     temp_path = target.with_name(temp_name(target.name, os.getpid()))
     temp_path.unlink(missing_ok=True)
     try:
-        try:
-            os.link(source, temp_path)
-        except OSError as error:
-            if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                raise
-            shutil.copyfile(source, temp_path)
-            with open(temp_path, "rb") as file:
-                os.fsync(file.fileno())
+        if hard_link:
+            try:
+                os.link(source, temp_path)
+            except OSError as error:
+                if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                hard_link = False
+        if not hard_link:
+            _copy_file(source, temp_path)
         os.replace(temp_path, target)
     except BaseException:
         temp_path.unlink(missing_ok=True)
         raise
+
+
+_FICLONE = 0x40049409  # Linux: share the source's blocks copy-on-write (btrfs, XFS); EOPNOTSUPP elsewhere
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    with open(source, "rb") as reader, open(target, "wb") as writer:
+        try:
+            fcntl.ioctl(writer.fileno(), _FICLONE, reader.fileno())
+        except OSError:
+            shutil.copyfileobj(reader, writer, 1 << 20)
+        writer.flush()
+        os.fsync(writer.fileno())

@@ -46,14 +46,16 @@ def run(
     annotations_dir: Optional[Path] = typer.Option(None, help="HDTF annotation files if not in raw_dir"),
     pattern: str = typer.Option("**/*", help="glob of videos under raw_dir (folder datasets)"),
     overrides: str = typer.Option("{}", help='settings overrides as JSON, e.g. \'{"filters": {"max_abs_yaw_deg": 30}}\''),
-    limit: Optional[int] = typer.Option(None, help="only the first N candidates"),
+    limit: Optional[int] = typer.Option(None, help="only the first N candidates (refused on an out_dir that holds a "
+                                         "published full dataset, unless --publish-subset)"),
+    publish_subset: bool = typer.Option(False, help="with --limit: replace a published full dataset with the subset"),
 ) -> None:
     """Run the preprocess flow in this process (no server needed; Prefect starts a temporary one)."""
     from flows.preprocess import preprocess
 
     summary = preprocess(dataset=dataset, raw_dir=str(raw_dir), out_dir=str(out_dir), profile=profile,
                          annotations_dir=str(annotations_dir) if annotations_dir else None, pattern=pattern,
-                         overrides=json.loads(overrides), limit=limit)
+                         overrides=json.loads(overrides), limit=limit, publish_subset=publish_subset)
     console.print_json(data=summary)
 
 
@@ -146,7 +148,11 @@ def report_command(
 
 
 @app.command("validate")
-def validate_command(out_dir: Path = typer.Argument(..., help="a preprocess out_dir (or a bare shards/ dir)")) -> None:
+def validate_command(
+    out_dir: Path = typer.Argument(..., help="a preprocess out_dir (or a bare shards/ dir)"),
+    deep: bool = typer.Option(False, help="also re-read every input video and audio file and report those whose "
+                                          "content changed since they were processed"),
+) -> None:
     """Check an out_dir is one complete dataset: shards against their manifests and the schema, no interrupted
     publish, summary.json committing exactly the shards and table rows there, the clips table's shard column
     against the shards, no leftover temp files. Given a bare shard dir, checks the shards only. Exits 1 on any
@@ -155,6 +161,12 @@ def validate_command(out_dir: Path = typer.Argument(..., help="a preprocess out_
 
     whole_output = (out_dir / "shards").is_dir()
     problems = validate_output(out_dir) if whole_output else validate_shards(out_dir)
+    if deep and whole_output:
+        from preprocess.run.input_hashes import changed_inputs
+
+        changed, checked = changed_inputs(out_dir)
+        console.print(f"re-hashed {checked} input files")
+        problems += changed
     for problem in problems:
         console.print(f"[red]{problem}[/red]", soft_wrap=True)
     if problems:

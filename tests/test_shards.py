@@ -13,7 +13,7 @@ import pytest
 import soundfile
 import torch
 
-from shards.reader import clip_dataset, collate_clips, shard_urls
+from shards.reader import UnpublishedShardsError, clip_dataset, collate_clips, shard_urls
 from shards.schema import (
     AUDIO_SAMPLES_PER_FRAME,
     FRAME_SIZE,
@@ -295,8 +295,9 @@ def test_shard_urls_expands_directories_and_passes_specs_through(samples, tmp_pa
     write_shards(samples, tmp_path, max_samples_per_shard=2)
     tars = [str(tmp_path / shard_tar_name(i)) for i in range(2)]
     assert shard_urls(tmp_path) == tars
-    (tmp_path / INDEX_NAME).unlink()  # falls back to the tar files on disk
-    assert shard_urls(str(tmp_path)) == tars
+    (tmp_path / INDEX_NAME).unlink()  # not a finished shard set: refused, never a glob of whatever is there
+    with pytest.raises(UnpublishedShardsError, match="has no index.json"):
+        shard_urls(str(tmp_path))
     spec = f"{tmp_path}/shard-{{000000..000001}}.tar"
     assert shard_urls(spec) == spec
     assert shard_urls([spec]) == tars

@@ -20,7 +20,8 @@ same place.
 
 Temporary directories are named ``.tmp-<key>-<pid>@<host>-<random>``: ``remove_leftovers`` deletes only those
 whose process is dead on this host, never a live run's (a second run on the same ``out_dir`` is refused by
-``shards.output_lock`` anyway; this keeps clean-up safe without it). Rejections that a stage returns are cached
+``shards.output_lock`` anyway; this keeps clean-up safe without it). The flow, holding the out_dir's lock, removes
+every temp at its start whatever host or pid it names (``shards.leftovers``). Rejections that a stage returns are cached
 like any result, so stages return only verdicts about their input (``preprocess.run.media.check_tool_run``).
 """
 
@@ -252,15 +253,23 @@ class StageCache:
 def file_fingerprint(path: Path, memo_dir: Path) -> str:
     """sha256 of a file's content, memoised by (path, size, mtime) so unchanged sources are not re-read."""
     path = Path(path)
-    stat = path.stat()
-    memo_key = stable_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    memo_path = memo_dir / f"{memo_key}.json"
+    memo_path = fingerprint_memo_path(path, memo_dir)
     if memo_path.exists():
         return json.loads(memo_path.read_text())["sha256"]
+    sha = file_sha256_of(path)
+    write_json_atomic(memo_path, {"path": str(path), "sha256": sha})
+    return sha
+
+
+def fingerprint_memo_path(path: Path, memo_dir: Path) -> Path:
+    """Where ``file_fingerprint`` memoises ``path``'s hash for its current size and mtime."""
+    stat = Path(path).stat()
+    return Path(memo_dir) / f"{stable_hash(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)}.json"
+
+
+def file_sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    sha = digest.hexdigest()
-    write_json_atomic(memo_path, {"path": str(path), "sha256": sha})
-    return sha
+    return digest.hexdigest()

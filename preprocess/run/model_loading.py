@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 import torch
 
+from preprocess.run.cache import file_fingerprint, stable_hash
 from preprocess.run.failures import ModelNotFoundError
 from preprocess.run.settings import TINY_MODELS_DIR, ModelChoice
 
@@ -112,16 +113,49 @@ def register_tiny_builder(builder: TinyModelBuilder) -> None:
 
 
 def model_identity(choice: ModelChoice) -> str:
-    """What a stage key knows of its model: the reference, revision, device and dtype; for a tiny model also
-    the version of the tiny-model builder (they are rebuilt from code, not downloaded)."""
+    """What a stage key knows of its model: the reference, revision, device and dtype; for a local path also the
+    content of its files (a model replaced in place at the same path is a new model); for a tiny model the version
+    of the tiny-model builder instead (they are rebuilt from code, and may not be built yet when a run plans)."""
     if not is_tiny_reference(choice.model):
-        return choice.fingerprint()
+        path = local_path(choice.model)
+        if path is None or not path.exists():  # a hub id (its revision pins it), or missing: the preflight says so
+            return choice.fingerprint()
+        return f"{choice.fingerprint()}:sha256-{local_model_hash(path)}"
     if _tiny_builder is None:
         raise ModelNotFoundError(
             f"{choice.model} is a tiny test model, and no tiny-model builder is registered in this process: run "
             "through `synchrorama` or the flows (which register tiny_models), or call "
             "preprocess.run.model_loading.register_tiny_builder(tiny_models.BUILDER)")
     return f"{choice.fingerprint()}:tiny-v{_tiny_builder.version}"
+
+
+# Content hashes of local model files, memoised on disk by path, size and mtime (``file_fingerprint``): a model
+# folder is hashed once, and again only when a file of it changes; and in this process by the folder's file stats.
+FILE_HASH_MEMO = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "synchrorama" / "file-sha256"
+_local_hashes: dict[tuple, str] = {}
+
+
+def model_files(path: Path) -> list[Path]:
+    """The files a local model reference consists of: every file under a folder (configs, tokenizer, weights; links
+    followed, hidden entries skipped), a file itself, and for a Demucs bag (``.yaml``) the ``.th`` files beside it."""
+    if path.is_dir():
+        return sorted(file for file in path.rglob("*") if file.is_file()
+                      and not any(part.startswith(".") for part in file.relative_to(path).parts))
+    if path.suffix == ".yaml":
+        return [path, *sorted(path.parent.glob("*.th"))]
+    return [path]
+
+
+def local_model_hash(path: Path) -> str:
+    """One hash of a local model's files' names and contents (see ``model_files``)."""
+    files = model_files(path)
+    stats = [file.stat() for file in files]
+    signature = tuple((str(file), stat.st_size, stat.st_mtime_ns) for file, stat in zip(files, stats, strict=True))
+    if signature not in _local_hashes:
+        root = path if path.is_dir() else path.parent
+        _local_hashes[signature] = stable_hash([(file.relative_to(root).as_posix(),
+                                                 file_fingerprint(file, FILE_HASH_MEMO)) for file in files])
+    return _local_hashes[signature]
 
 
 def load_model(kind: str, choice: ModelChoice, loader: Loader | None = None) -> LoadedModel:

@@ -40,7 +40,7 @@ from preprocess.audio.text_emotion import TEXT_EMOTION_CLASSES
 from preprocess.audio.valence_arousal import VA_FILE_COLUMNS
 from preprocess.pipeline import AUDIO_STAGES, VISUAL_STAGES
 from preprocess.run.cache import stable_hash
-from preprocess.run.failures import is_environment_error
+from preprocess.run.failures import RunFailed, is_environment_error
 from preprocess.run.job import PieceOutcome
 from preprocess.run.model_loading import is_tiny_reference
 from preprocess.run.records import AnnotationIssue, Rejection
@@ -60,6 +60,7 @@ from shards.schema import (
     WAV2VEC_MEMBER,
     ShardManifest,
     encode_json,
+    file_sha256,
 )
 from shards.tables import (
     ACTION_UNITS_TABLE,
@@ -529,17 +530,40 @@ def write_partition(outcomes: list[PieceOutcome], settings: PreprocessSettings, 
     return done
 
 
+def partition_file_problem(part_dir: Path, record: dict[str, Any]) -> str | None:
+    """Why a written partition's files cannot be published as they are (None when they can): each shard its
+    marker lists must exist with its recorded size and sha256 (what the publish copies), each table must exist.
+    Hashing costs one read of the partition's shards per run; it is what keeps a corrupted or deleted cache file
+    from being trusted (``work/`` is a cache that may be deleted in part)."""
+    try:
+        manifests = [ShardManifest.from_json(entry) for entry in record["shards"]]
+    except (KeyError, TypeError, ValueError) as error:
+        return f"its marker's shard list cannot be read ({type(error).__name__}: {error})"
+    for manifest in manifests:
+        tar = part_dir / SHARDS_DIR / manifest.tar_name
+        if not tar.is_file():
+            return f"{tar} is missing"
+        if tar.stat().st_size != manifest.n_bytes:
+            return f"{tar} has {tar.stat().st_size} bytes, its manifest says {manifest.n_bytes}"
+        if file_sha256(tar) != manifest.sha256:
+            return f"{tar} does not have its recorded sha256"
+    missing = [name for name in PARTITION_TABLES if not (part_dir / TABLES_DIR / name).is_file()]
+    return f"its tables {', '.join(missing)} are missing" if missing else None
+
+
+
 def _publish_parts(parts: list[tuple[Path, dict[str, Any]]], issues: list[AnnotationIssue],
                    settings: PreprocessSettings, out_dir: Path) -> RunSummary:
     """Publish written partitions (in order) as the out_dir's shards and tables; returns the run's summary.
-    Shards are hard-linked (``shards.writer.publish_shards``) and renumbered; each table is the partitions' tables
+    Shards are copied (hard-linked with ``shards.publish_hard_links``; ``shards.writer.publish_shards``) and renumbered; each table is the partitions' tables
     concatenated one partition at a time (``shards.tables.merge_tables_atomic``), the clips table's ``shard``
     column renamed to the published names. Call it under the out_dir's lock (it removes temp files)."""
     out_dir = Path(out_dir)
     shards_dir, tables_dir = out_dir / SHARDS_DIR, out_dir / TABLES_DIR
     part_manifests = [[ShardManifest.from_json(entry) for entry in record["shards"]] for _, record in parts]
     manifests = publish_shards([(part_dir / SHARDS_DIR, local) for (part_dir, _), local
-                                in zip(parts, part_manifests, strict=True)], shards_dir)
+                                in zip(parts, part_manifests, strict=True)], shards_dir,
+                               hard_links=settings.shards.publish_hard_links)
     published_names, offset = [], 0
     for local in part_manifests:
         published_names.append({manifest.tar_name: manifests[offset + number].tar_name
@@ -645,6 +669,13 @@ def publish_partitions(parts: list[tuple[Path, dict[str, Any]]], issues: list[An
     ``complete``. A kill anywhere in between leaves the marker and a summary that no longer matches, which
     ``shards.validate.validate_output`` reports; the next run redoes the publish. Call under the out_dir's lock."""
     out_dir = Path(out_dir)
+    # every source is checked before anything published changes: a partition file deleted or damaged since its
+    # partition was verified fails the run here, and the published dataset stays as it was
+    for part_dir, part_record in parts:
+        problem = partition_file_problem(part_dir, part_record)
+        if problem is not None:
+            raise RunFailed(f"cannot publish partition {part_record.get('name')} ({part_dir}): {problem}. Nothing "
+                            f"in {out_dir} was changed; rerun to redo that partition")
     out_dir.mkdir(parents=True, exist_ok=True)
     marker = out_dir / PUBLISHING_MARKER
     started = time.time()

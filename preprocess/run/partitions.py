@@ -35,6 +35,7 @@ from preprocess.run.cache import stable_hash
 from preprocess.run.failures import FAILURE_REASONS
 from preprocess.run.job import PieceOutcome, Workspace
 from preprocess.run.model_loading import is_tiny_reference, local_path, model_identity
+from preprocess.run.outputs import partition_file_problem
 from preprocess.run.records import Candidate
 from preprocess.run.settings import ModelChoice, PreprocessSettings
 
@@ -49,7 +50,7 @@ GPU_GROUPS = ("audio", "visual")
 # Stages whose failures count per piece (clip id); the others count per candidate.
 PIECE_STAGES = ("sync", *AUDIO_STAGES, *VISUAL_STAGES, "audio", "visual")
 # Settings that decide how a run executes, not what it produces: left out of the partition key.
-EXECUTION_SETTINGS = {"workers": True, "engine": True,
+EXECUTION_SETTINGS = {"workers": True, "engine": True, "shards": {"publish_hard_links": True},
                       "partitions": {"prune_work": True, "gpu_slots": True, "gpu_limit_name": True}}
 # Cache stages whose entries hold a kept piece's cut files, exactly what its shard sample holds: pruned once the
 # partition's shards are written (``partitions.prune_work``).
@@ -116,12 +117,18 @@ def partition_dir(workspace: Workspace, key: str) -> Path:
 
 
 def finished_record(workspace: Workspace, key: str) -> dict[str, Any] | None:
-    """The marker of a finished partition with this key (None when unfinished, to be retried, or unreadable)."""
+    """The marker of a finished partition with this key whose files verify (None when unfinished, to be retried,
+    unreadable, or when a file it lists is missing or changed: then the partition is redone, with a warning)."""
+    part_dir = partition_dir(workspace, key)
     try:
-        record = json.loads((partition_dir(workspace, key) / MARKER_FILE).read_text())
+        record = json.loads((part_dir / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or record.get("key") != key or record.get("retry", True):
+        return None
+    problem = partition_file_problem(part_dir, record)
+    if problem is not None:
+        log.warning("partition %s (%s) is marked finished but %s: redoing it", record.get("name"), key, problem)
         return None
     return record
 

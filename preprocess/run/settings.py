@@ -267,6 +267,10 @@ class EngineSettings(_Section):
 class ShardSettings(_Section):
     max_samples_per_shard: int = 100
     max_bytes_per_shard: int = 1 << 30
+    publish_hard_links: bool = Field(
+        False, description="publish shards as hard links to the partitions' own shards instead of copies (reflinks "
+        "where the file system has them): saves one copy of the shards on disk, but a shard damaged in place is then "
+        "damaged in both places, and the only intact source is a rerun of its partition")
 
 
 class PartitionSettings(_Section):
