@@ -120,7 +120,8 @@ CHILD = """
     # the publish's first table (the partitions' own tables were written before)
     write_outputs.merge_tables_atomic = die_before_the_first_table
     from flows.preprocess import preprocess
-    preprocess(dataset="folder", raw_dir=sys.argv[1], out_dir=sys.argv[2], profile="tiny", limit=1)
+    preprocess(dataset="folder", raw_dir=sys.argv[1], out_dir=sys.argv[2], profile="tiny", limit=1,
+               publish_subset=True)
 """
 
 
@@ -158,7 +159,8 @@ def test_a_kill_between_shards_and_tables_is_reported_by_validate_and_a_rerun_re
     assert "tables/.clips.parquet.tmp-0badf00d: leftover temp file" in text
 
     # the same run again, uninterrupted, completes the publish and removes the leftovers
-    summary = preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny", limit=1)
+    summary = preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny", limit=1,
+                         publish_subset=True)
     assert summary["n_kept"] == 1
     assert validate_output(out) == []
     assert not (out / "tables" / ".clips.parquet.tmp-0badf00d").exists()
