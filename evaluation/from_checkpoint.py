@@ -101,7 +101,7 @@ def a2m_untrained(checkpoint: Path, weights: str) -> bool | None:
 def checkpoint_record(checkpoint: str | Path, generation: GenerationSettings) -> dict:
     """What the evaluated checkpoint is: folder, step, stage, size, weights sha256, A2M state, warnings."""
     from model.generation.generate import GenerateError, checkpoint_config, find_checkpoint
-    from model.training.train import MANIFEST
+    from model.training.train import MANIFEST, CheckpointError, read_manifest
     from shards.schema import file_sha256
 
     try:
@@ -113,7 +113,10 @@ def checkpoint_record(checkpoint: str | Path, generation: GenerationSettings) ->
     sha = None
     manifest = found / MANIFEST
     if manifest.is_file():
-        listed = json.loads(manifest.read_text()).get("files", {}).get("model.safetensors")
+        try:
+            listed = read_manifest(found).get("model.safetensors")
+        except CheckpointError as error:  # a manifest of the wrong shape: the weights cannot be checked
+            raise EvaluationError(str(error)) from error
         if listed:
             sha = listed["sha256"]
             actual = file_sha256(found / "model.safetensors")

@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 import tiny_models
 from preprocess.run.model_loading import register_tiny_builder
@@ -71,7 +72,9 @@ def download_hdtf(
 
     statuses = download_hdtf_videos(annotations_dir, out, name)
     for video, status in statuses.items():
-        console.print(f"{video}: {status}")
+        # names are the url files' text: printed as text (never rich markup), escaped when not printable, one line
+        shown = video if video.isprintable() else repr(video)
+        console.print(Text(f"{shown}: {status}"), soft_wrap=True)
 
 
 @app.command("serve")

@@ -207,3 +207,53 @@ def test_a_non_finite_loss_stops_before_the_update_and_saves_nothing(shard_dir, 
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step-")) == ["step-0000001"]
     logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1]  # the non-finite step is neither logged nor saved
+
+
+def _real_entries(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST).read_text())["files"]
+
+
+# Manifests that are valid JSON of the wrong shape (issue 21, fault 5): each must be refused as a CheckpointError, and
+# the resume fall back to the older checkpoint, never crash with an AttributeError, TypeError or KeyError.
+_WRONG_SHAPES = {
+    "a list": lambda real: [],
+    "an empty object": lambda real: {},
+    "null": lambda real: None,
+    "a string": lambda real: "step-0000002",
+    "files is a list": lambda real: {"format": 1, "files": []},
+    "an entry that is a number": lambda real: {"format": 1, "files": {"x": 3}},
+    "every real entry a number": lambda real: {"format": 1, "files": {name: 3 for name in real}},
+    "a sha256 that is a number": lambda real: {"format": 1, "files": {
+        name: {**entry, "sha256": 123} for name, entry in real.items()}},
+    "a size that is text": lambda real: {"format": 1, "files": {
+        name: {**entry, "bytes": str(entry["bytes"])} for name, entry in real.items()}},
+    "an entry without its sha256": lambda real: {"format": 1, "files": {
+        name: {"bytes": entry["bytes"]} for name, entry in real.items()}},
+    "a name that climbs out": lambda real: {"format": 1, "files": {
+        **real, "../step-0000001/state.json": real["state.json"]}},
+    "an unknown format": lambda real: {"format": 2, "files": real},
+}
+
+
+@pytest.mark.parametrize("shape", list(_WRONG_SHAPES))
+def test_a_manifest_of_the_wrong_shape_is_skipped_for_the_previous_checkpoint(shard_dir, two_checkpoints, tmp_path,
+                                                                              caplog, shape):
+    out = _copy(two_checkpoints, tmp_path)
+    newest = out / "checkpoints" / "step-0000002"
+    (newest / MANIFEST).write_text(json.dumps(_WRONG_SHAPES[shape](_real_entries(newest))))
+    with caplog.at_level(logging.WARNING, logger="model.training.train"):
+        resumed = _resume(shard_dir, out, "stop_at_step=2")  # one step, from step 1
+    assert [r["step"] for r in resumed.records] == [2]
+    assert any(re.search(r"skipping .*step-0000002: .*step-0000002/manifest\.json is not a checkpoint manifest", r.message)
+               for r in caplog.records), [r.message for r in caplog.records]
+    verify_checkpoint(newest)  # the refused one was replaced by a good save
+
+
+def test_evaluating_a_checkpoint_whose_manifest_has_the_wrong_shape_says_so(two_checkpoints, tmp_path):
+    from evaluation.evaluate import EvaluationError
+    from evaluation.from_checkpoint import GenerationSettings, checkpoint_record
+
+    folder = _copy(two_checkpoints, tmp_path) / "checkpoints" / "step-0000002"
+    (folder / MANIFEST).write_text("[]")  # `synchrorama evaluate --checkpoint <this folder>` records its weights' sha256
+    with pytest.raises(EvaluationError, match=r"step-0000002/manifest\.json is not a checkpoint manifest"):
+        checkpoint_record(folder, GenerationSettings())

@@ -28,6 +28,7 @@ import math
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import sys
@@ -297,6 +298,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 MANIFEST = "manifest.json"  # sha256 of every other file of a checkpoint, written last
+MANIFEST_FORMAT = 1
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def rng_states() -> dict:
@@ -333,26 +336,58 @@ def write_manifest(folder: Path) -> None:
         fsync_path(path)
         files[path.relative_to(folder).as_posix()] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
     temp = folder / f".{MANIFEST}.tmp"
-    temp.write_text(json.dumps({"format": 1, "files": files}, indent=1))
+    temp.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": files}, indent=1))
     fsync_path(temp)
     os.replace(temp, folder / MANIFEST)
     for sub in {folder, *(p.parent for p in _checkpoint_files(folder))}:
         fsync_path(sub)
 
 
+def read_manifest(folder: Path) -> dict[str, dict]:
+    """``folder``'s manifest as ``{relative posix path: {"sha256": 64 hex digits, "bytes": size}}``, checked for
+    shape: any manifest that is not that (not JSON, a list, no ``files``, an entry that is not a dict of exactly those
+    two keys and types, a name that is absolute or has an empty, ``.`` or ``..`` part or a backslash) is a
+    :class:`CheckpointError`, so a damaged one is skipped like any other damaged checkpoint instead of crashing the
+    resume. Names may hold ``/``: the validation videos are saved in ``samples/``."""
+    manifest = folder / MANIFEST
+    try:
+        loaded = json.loads(manifest.read_text())
+    except (ValueError, OSError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{manifest} is not a checkpoint manifest (not readable JSON: {error}); delete "
+                              f"{folder} to resume from an older checkpoint") from error
+
+    def wrong(what: str) -> CheckpointError:
+        return CheckpointError(f"{manifest} is not a checkpoint manifest ({what}); delete {folder} to resume from an "
+                               "older checkpoint")
+
+    if not isinstance(loaded, dict):
+        raise wrong(f"a JSON {type(loaded).__name__}, not an object")
+    if loaded.get("format") != MANIFEST_FORMAT:
+        raise wrong(f"format {loaded.get('format')!r}, this version reads format {MANIFEST_FORMAT}")
+    files = loaded.get("files")
+    if not isinstance(files, dict):
+        raise wrong(f"'files' is {type(files).__name__}, not an object of file name -> sha256 and bytes")
+    for name, entry in files.items():
+        parts = name.split("/")
+        if name.startswith("/") or "\\" in name or any(part in ("", ".", "..") for part in parts):
+            raise wrong(f"the name {name!r:.120} is not a relative path inside the checkpoint")
+        if not (isinstance(entry, dict) and set(entry) == {"sha256", "bytes"}
+                and isinstance(entry["sha256"], str) and _SHA256.fullmatch(entry["sha256"])
+                and type(entry["bytes"]) is int and entry["bytes"] >= 0):
+            raise wrong(f"the entry of {name!r:.120} is {entry!r:.120}, not {{'sha256': 64 hex digits, 'bytes': a size}}")
+    return files
+
+
 def verify_checkpoint(folder: Path) -> None:
-    """Refuse a checkpoint without a manifest, or whose files are missing, unlisted, resized or changed."""
+    """Refuse a checkpoint without a manifest, with a manifest of the wrong shape, or whose files are missing,
+    unlisted, resized or changed."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(
             f"{folder} has no {MANIFEST}: its save was interrupted, or an older model/training/train.py wrote it. If you "
             f"trust its files, re-save it with `python -c \"from model.training.train import reseal_checkpoint; "
             f"reseal_checkpoint('{folder}')\"`, or delete it to resume from an older checkpoint")
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{manifest} is not a checkpoint manifest ({error}); delete {folder} to resume "
-                              "from an older checkpoint") from error
+    files = read_manifest(folder)
     for name, entry in files.items():
         path = folder / name
         if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file():
