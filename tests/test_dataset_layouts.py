@@ -21,7 +21,7 @@ import soundfile
 from flows.preprocess import preprocess
 from preprocess.datasets.discover import discover_candidates
 from preprocess.datasets.mead import mead_candidates
-from preprocess.datasets.vfhq import LANDMARK_BOX_SCALE, read_frame_landmarks, vfhq_candidates
+from preprocess.datasets.vfhq import LANDMARK_BOX_SCALE, read_frame_landmarks, read_meta_info, vfhq_candidates
 from preprocess.run.failures import RunFailed
 from preprocess.run.records import CropBox
 from preprocess.run.settings import LayoutSettings, load_settings
@@ -59,17 +59,21 @@ def meta_info(video_id: str, frames: range, *, fps: str | None = "25", crop: tup
 
 
 def write_vfhq(raw: Path, video_bytes: bytes | None = None) -> Path:
-    """The meta_info folder of a small VFHQ copy with its traps; ``video_bytes``: a placeholder for vidA.mp4."""
+    """The meta_info folder of a small VFHQ copy with its traps; ``video_bytes``: a placeholder for vidA.mp4.
+
+    Names are VFHQ's real ``...+F<first>-<last>.txt`` (one ``F``); the time range is the name's with the public
+    readers' trim, ``(first + 1) / FPS`` to ``(last - 1) / FPS``, so F24-126 at 25 fps is 1.00-5.00 s."""
     meta = raw / "meta_info"
     meta.mkdir(parents=True)
     files = {
-        "Clip+vidA+P0+C0+F0-F99.txt": meta_info("vidA", range(0, 100)),  # kept: 0-4 s
-        # a malformed frame line and no crop line: the box comes from the per-frame landmarks
-        "Clip+vidA+P0+C1+F50-F149.txt": meta_info("vidA", range(50, 150), crop=None, malformed_at=60),
-        "Clip+vidB+P0+C0+F0-F99.txt": meta_info("vidB", range(0, 100)),  # never downloaded
-        "Clip+vidA+P1+C2+F400-F499.txt": meta_info("vidA", range(400, 500)),  # beyond the 6 s video
-        "Clip+vidA+P0+C3+F0-F99.txt": meta_info("vidA", range(0, 100), fps=None),  # no FPS line
-        "Clip+vidA+P0+C4+F0-F99.txt": meta_info("vidA", range(0, 0), header_id="vidZ"),  # no frames; wrong id
+        "Clip+vidA+P0+C0+F24-126.txt": meta_info("vidA", range(24, 127)),  # kept: 1-5 s
+        # the invented F<a>-F<b> form, still read; a malformed frame line and no crop line: the box comes from
+        # the per-frame landmarks
+        "Clip+vidA+P0+C1+F49-F126.txt": meta_info("vidA", range(49, 127), crop=None, malformed_at=60),
+        "Clip+vidB+P0+C0+F24-126.txt": meta_info("vidB", range(24, 127)),  # never downloaded
+        "Clip+vidA+P1+C2+F399-501.txt": meta_info("vidA", range(399, 502)),  # beyond the 6 s video
+        "Clip+vidA+P0+C3+F24-126.txt": meta_info("vidA", range(24, 127), fps=None),  # no FPS line
+        "Clip+vidA+P0+C4+F24-126.txt": meta_info("vidA", range(0, 0), header_id="vidZ"),  # no frames; wrong id
         "Clip+not-a-vfhq-name.txt": "Video ID: x\n",
     }
     for name, text in files.items():
@@ -86,14 +90,14 @@ def test_vfhq_meta_info_parses_into_candidates_and_issues(tmp_path):
     assert sorted(by_id) == ["Clip_not-a-vfhq-name", "vidA_P0_C0", "vidA_P0_C1", "vidA_P0_C3", "vidA_P0_C4",
                              "vidA_P1_C2", "vidB_P0_C0"]
     good = by_id["vidA_P0_C0"]
-    assert (good.start_s, good.end_s) == (0.0, 4.0)  # frames 0-99 at 25 fps, end exclusive
+    assert (good.start_s, good.end_s) == (1.0, 5.0)  # F24-126 at 25 fps, one frame trimmed at each end
     assert good.annotated_box == CropBox(216, 60, 200, 200) and good.annotated_height == 360
     assert good.source == str(raw / "vidA.mp4") and good.reject_reason is None and good.notes == ()
-    assert good.annotation_file.endswith("Clip+vidA+P0+C0+F0-F99.txt") and good.dataset == "vfhq"
+    assert good.annotation_file.endswith("Clip+vidA+P0+C0+F24-126.txt") and good.dataset == "vfhq"
 
-    # malformed line skipped and recorded; no crop line: the median landmark box, about the face
+    # the old F<a>-F<b> form; malformed line skipped and recorded; no crop line: the median landmark box
     moved = by_id["vidA_P0_C1"]
-    assert (moved.start_s, moved.end_s) == (2.0, 6.0) and moved.reject_reason is None
+    assert (moved.start_s, moved.end_s) == (2.0, 5.0) and moved.reject_reason is None
     assert set(moved.notes) == {"malformed_line", "crop_box_from_landmarks"}
     side = 50 * LANDMARK_BOX_SCALE  # the landmarks span 40 x 50 px
     assert moved.annotated_box.w == pytest.approx(side, abs=1)
@@ -101,7 +105,7 @@ def test_vfhq_meta_info_parses_into_candidates_and_issues(tmp_path):
     assert moved.annotated_box.y + side / 2 == pytest.approx(165, abs=1)
     malformed = [i for i in issues if i.kind == "malformed_line"]
     assert len(malformed) == 1 and malformed[0].subject == "vidA_P0_C1"
-    assert malformed[0].line == 5 + (60 - 50) + 1  # 4 header lines + the frame header, then frames 50..59
+    assert malformed[0].line == 5 + (60 - 49) + 1  # 4 header lines + the frame header, then frames 49..59
 
     assert by_id["vidB_P0_C0"].reject_reason == "missing_source"
     assert "vidB" in by_id["vidB_P0_C0"].reject_detail and "download" in by_id["vidB_P0_C0"].reject_detail
@@ -110,16 +114,80 @@ def test_vfhq_meta_info_parses_into_candidates_and_issues(tmp_path):
     # beyond the video's end is the probe stage's verdict (it knows the duration): parsed as annotated here
     assert (by_id["vidA_P1_C2"].start_s, by_id["vidA_P1_C2"].reject_reason) == (16.0, None)
     empty = by_id["vidA_P0_C4"]
-    assert {"no_frame_landmarks", "video_id_mismatch"} <= set(empty.notes) and empty.end_s == 4.0
+    assert {"no_frame_landmarks", "video_id_mismatch"} <= set(empty.notes) and empty.end_s == 5.0
     kinds = {(i.kind, i.subject) for i in issues}
     assert {("bad_file_name", "Clip+not-a-vfhq-name"), ("fps_missing", "vidA_P0_C3"),
             ("no_frame_landmarks", "vidA_P0_C4"), ("video_id_mismatch", "vidA_P0_C4"),
             ("crop_box_from_landmarks", "vidA_P0_C1")} <= kinds
+    assert "frame_range_mismatch" not in {i.kind for i in issues}  # every file's frame lines match its name
 
     indices, landmarks = read_frame_landmarks(good.annotation_file)
-    assert indices.tolist() == list(range(100)) and landmarks.shape == (100, 5, 2)
-    assert np.allclose(landmarks[0], LANDMARKS + np.sin(0.0), atol=0.01)
-    assert read_frame_landmarks(moved.annotation_file)[0].shape == (99,)  # the malformed line is skipped
+    assert indices.tolist() == list(range(24, 127)) and landmarks.shape == (103, 5, 2)
+    assert np.allclose(landmarks[0], LANDMARKS + np.sin(2.4), atol=0.01)
+    assert read_frame_landmarks(moved.annotation_file)[0].shape == (77,)  # the malformed line is skipped
+
+
+@pytest.mark.parametrize(("name", "video", "person", "clip", "first", "last"), [
+    ("Clip+G0DGRma_p48+P0+C0+F11208-11383", "G0DGRma_p48", 0, 0, 11208, 11383),  # real VFHQ names
+    ("Clip+_5rNOD1nsDg+P0+C0+F575-769", "_5rNOD1nsDg", 0, 0, 575, 769),
+    ("Clip+-0d4ntONiHE+P2+C13+F100-250", "-0d4ntONiHE", 2, 13, 100, 250),  # an id may start with "-"
+    ("Clip+G0DGRma_p48+P1+C3+F11208-F11383", "G0DGRma_p48", 1, 3, 11208, 11383),  # the invented form, still read
+])
+def test_vfhq_real_meta_info_names_give_the_public_readers_time_range(tmp_path, name, video, person, clip, first,
+                                                                      last):
+    """The public reader (yunyu/vfhq-downloader vfhq_dl/parse_meta_info.py) cuts (first + 1) / FPS to
+    (last - 1) / FPS; the frame lines of a real file run over the name's range and agree with it."""
+    (tmp_path / f"{video}.mp4").write_bytes(b"placeholder")
+    path = tmp_path / f"{name}.txt"
+    path.write_text(meta_info(video, range(first, last + 1)))
+    issues = []
+    candidate = read_meta_info(path, tmp_path, issues)
+    assert candidate.reject_reason is None, candidate.reject_detail
+    assert candidate.candidate_id == f"{video}_P{person}_C{clip}"
+    assert candidate.source == str(tmp_path / f"{video}.mp4")
+    assert (candidate.start_s, candidate.end_s) == (round((first + 1) / 25, 3), round((last - 1) / 25, 3))
+    assert candidate.notes == () and issues == []
+
+
+def test_vfhq_frame_lines_that_disagree_with_the_name_are_recorded_with_both_ranges(tmp_path):
+    (tmp_path / "G0DGRma_p48.mp4").write_bytes(b"placeholder")
+    path = tmp_path / "Clip+G0DGRma_p48+P0+C0+F11208-11383.txt"
+    path.write_text(meta_info("G0DGRma_p48", range(11000, 11100)))  # frames of another clip
+    issues = []
+    candidate = read_meta_info(path, tmp_path, issues)
+    # the name gives the time range, as the public readers take it; the disagreement is a note and an issue row
+    assert (candidate.start_s, candidate.end_s) == (448.36, 455.28) and candidate.reject_reason is None
+    assert candidate.notes == ("frame_range_mismatch",)
+    (mismatch,) = [issue for issue in issues if issue.kind == "frame_range_mismatch"]
+    assert mismatch.subject == "G0DGRma_p48_P0_C0" and mismatch.file == path.name
+    assert "11000-11099" in mismatch.detail and "11208-11383" in mismatch.detail
+
+
+def test_vfhq_a_range_with_nothing_left_after_the_trim_is_rejected(tmp_path):
+    (tmp_path / "G0DGRma_p48.mp4").write_bytes(b"placeholder")
+    path = tmp_path / "Clip+G0DGRma_p48+P0+C0+F100-102.txt"
+    path.write_text(meta_info("G0DGRma_p48", range(100, 103)))
+    issues = []
+    candidate = read_meta_info(path, tmp_path, issues)
+    assert candidate.reject_reason == "bad_time_range" and "100-102" in candidate.reject_detail
+
+
+@pytest.mark.parametrize("name", [
+    "Clip+G0DGRma_p48+P0+C0+11208-11383",  # no F
+    "Clip+G0DGRma_p48+P0+C0+F11208",  # no last frame
+    "Clip+G0DGRma_p48+C0+F11208-11383",  # no person
+    "Clip+G0DGRma_p48+P0+C0+F11208-11383x",  # trailing text
+    "Clip++P0+C0+F11208-11383",  # no video id
+    "G0DGRma_p48+P0+C0+F11208-11383",  # no Clip prefix (not even globbed by discovery)
+    "Clip+G0DGRma_p48+P0+C0+FF11208-11383",
+])
+def test_vfhq_malformed_meta_info_names_are_rejected_with_a_reason(tmp_path, name):
+    path = tmp_path / f"{name}.txt"
+    path.write_text(meta_info("G0DGRma_p48", range(11208, 11384)))
+    issues = []
+    candidate = read_meta_info(path, tmp_path, issues)
+    assert candidate.reject_reason == "bad_file_name" and "F<first>-<last>" in candidate.reject_detail
+    assert [issue.kind for issue in issues] == ["bad_file_name"] and name in issues[0].detail
 
 
 def test_vfhq_meta_info_found_in_annotations_dir_and_dispatched_by_discover(tmp_path):
@@ -274,17 +342,21 @@ def test_vfhq_runs_end_to_end(vfhq_run):
         "vidA_P0_C0": ("kept", None),
         "vidA_P0_C1": ("kept", None),
         "vidB_P0_C0": ("rejected", "missing_source"),
-        "vidA_P1_C2": ("rejected", "clip_outside_source"),  # frames 400-499 of a 150-frame video
+        "vidA_P1_C2": ("rejected", "clip_outside_source"),  # frames 400-500 of a 150-frame video
         "vidA_P0_C3": ("rejected", "fps_missing"),
         "vidA_P0_C4": ("kept", None),  # no frame lines: the name's range and the crop line
         "Clip_not-a-vfhq-name": ("rejected", "bad_file_name"),
     }
     assert summary["n_kept"] == 3
     kept = clips["vidA_P0_C0"]
-    assert (kept["source_start_s"], kept["source_end_s"], kept["n_frames"]) == (0.0, 4.0, 100)
+    # F24-126 with the public readers' one-frame trim: (24 + 1) / 25 to (126 - 1) / 25 s
+    assert (kept["source_start_s"], kept["source_end_s"], kept["n_frames"]) == (1.0, 5.0, 100)
     assert kept["crop_method"] == "annotated" and kept["crop_size"] == 200
     assert (kept["crop_x"], kept["crop_y"]) == (216, 60)
-    assert clips["vidA_P0_C1"]["source_start_s"] == 2.0 and clips["vidA_P0_C1"]["crop_method"] == "annotated"
+    moved = clips["vidA_P0_C1"]  # the old F<a>-F<b> name: F49-F126
+    assert (moved["source_start_s"], moved["source_end_s"], moved["crop_method"]) == (2.0, 5.0, "annotated")
+    no_lines = clips["vidA_P0_C4"]  # no frame lines: the name's range all the same
+    assert (no_lines["source_start_s"], no_lines["source_end_s"]) == (1.0, 5.0)
     assert "crop_box_from_landmarks" in clips["vidA_P0_C1"]["notes"]
     assert kept["emotion"] is None and kept["subject"] is None and kept["audio_source"] is None
     issues = pq.read_table(out / TABLES_DIR / "annotation_issues.parquet").to_pylist()

@@ -2,10 +2,10 @@
 
 VFHQ (Xie et al., "VFHQ: A High-Quality Dataset and Benchmark for Video Face Super-Resolution", CVPRW 2022) ships
 no videos: one text file per clip says which YouTube video it comes from, which frames, and where the face is.
-Its layout, as the public readers parse it (``yunyu/vfhq-downloader`` ``vfhq_dl/parse_meta_info.py``, the
-VFHQ dataset classes of the video face-restoration repositories that read it)::
+Its layout, as the public reader parses it (``yunyu/vfhq-downloader`` ``vfhq_dl/parse_meta_info.py``,
+``parse_clip_meta``, read at commit f68b006)::
 
-    Clip+<video id>+P<person>+C<clip>+F<first frame>-F<last frame>.txt
+    Clip+<video id>+P<person>+C<clip>+F<first frame>-<last frame>.txt
         Video ID: <video id>
         H: <frame height in pixels>
         W: <frame width in pixels>
@@ -15,21 +15,28 @@ VFHQ dataset classes of the video face-restoration repositories that read it)::
         ...
         CROP BBOX ...: x0 y0 x1 y1             (the clip's face crop, corners in pixels)
 
-Each file becomes one ``Candidate``: the source is ``<videos_dir>/<video id>.<container>`` (yt-dlp keeps YouTube's
-container, as for HDTF); start/end are the first and last annotated frame divided by ``FPS`` (end exclusive, so a
-clip of frames 100-199 at 25 fps is 4.00-8.00 s); the annotated box is ``CROP BBOX`` at ``H`` pixels of frame
-height (``preprocess.video.crop`` scales it to the downloaded file's real height). The per-frame landmarks stay in the
-file (``Candidate.annotation_file``) and are read back by ``read_frame_landmarks`` for a crop that follows the face.
+The name has one ``F`` (``Clip+G0DGRma_p48+P0+C0+F11208-11383``, ``Clip+_5rNOD1nsDg+P0+C0+F575-769``); the public
+reader drops every ``F`` of the range, so ``F<first>-F<last>`` (the form this reader once demanded) is read too.
 
-Deviations from the public readers, and why: they take the frame range from the file name and trim one frame at
-each end; here the frame lines are the truth (they are what was annotated) and the name is a cross-check
-(``frame_range_mismatch``). They crash on a malformed line; here each is an ``AnnotationIssue`` and the line is
-skipped. Without a ``CROP BBOX`` the box is the median of per-frame landmark boxes (``crop_box_from_landmarks``)
-rather than nothing.
+Each file becomes one ``Candidate``: the source is ``<videos_dir>/<video id>.<container>`` (yt-dlp keeps YouTube's
+container, as for HDTF); the time range is the public reader's, from the name with one frame trimmed at each end:
+start ``(first + 1) / FPS``, end ``(last - 1) / FPS`` (its ``start_t``/``end_t``, which it cuts with ffmpeg
+``-ss``/``-to``; here ``end_s`` is exclusive, as for every dataset), so ``F24-126`` at 25 fps is 1.00-5.00 s. The
+annotated box is ``CROP BBOX`` at ``H`` pixels of frame height (``preprocess.video.crop`` scales it to the downloaded
+file's real height). The per-frame landmarks stay in the file (``Candidate.annotation_file``) and are read back by
+``read_frame_landmarks`` for a crop that follows the face.
+
+Deviations from the public reader, and why: the per-frame lines are a cross-check of the name: when their first or
+last index is more than one frame from the name's, the clip keeps the name's range (as the public reader does, so
+that its times match the clips other VFHQ copies cut) and gets the note and issue ``frame_range_mismatch`` with
+both ranges, to be looked at rather than silently trusted either way. It crashes on a malformed line; here each is
+an ``AnnotationIssue`` and the line is skipped. Without a ``CROP BBOX`` the box is the median of per-frame landmark
+boxes (``crop_box_from_landmarks``) rather than nothing.
 
 Anomalies (issue kinds; ``*`` also rejects the candidate with that reason, the others are also candidate notes):
-``bad_file_name*`` (the name is not ``Clip+...+F<a>-F<b>.txt``), ``fps_missing*`` (no usable ``FPS``: frames cannot
-become seconds), ``bad_time_range*``, ``missing_source*`` (the video was never downloaded; or the reason of
+``bad_file_name*`` (the name is not ``Clip+<id>+P<n>+C<n>+F<a>-<b>.txt`` or ``...F<a>-F<b>.txt``), ``fps_missing*``
+(no usable ``FPS``: frames cannot become seconds), ``bad_time_range*`` (three frames or fewer: nothing is left after
+the trim), ``missing_source*`` (the video was never downloaded; or the reason of
 ``preprocess.datasets.discover.video_entry_problem``), ``unsafe_path*``/``bad_name*`` (a video id that is not a plain file
 name), ``malformed_line``, ``no_frame_landmarks`` (an empty per-frame list), ``frame_range_mismatch``,
 ``video_id_mismatch`` (the header disagrees with the name; the name wins), ``resolution_missing``,
@@ -55,7 +62,11 @@ DATASET = "vfhq"
 META_GLOB = "**/Clip+*.txt"
 # The meta-info files are looked for here (relative to raw_dir) when no annotations_dir is given, then in raw_dir.
 META_DIR = "meta_info"
-_NAME = re.compile(r"Clip\+(?P<video>.+)\+P(?P<person>\d+)\+C(?P<clip>\d+)\+F(?P<first>\d+)-F(?P<last>\d+)")
+# VFHQ's real names have one F (F11208-11383); the F<a>-F<b> form is read as the public reader reads it (it drops
+# every F).
+_NAME = re.compile(r"Clip\+(?P<video>.+)\+P(?P<person>\d+)\+C(?P<clip>\d+)\+F(?P<first>\d+)-F?(?P<last>\d+)")
+# The public reader cuts (first + 1) / FPS to (last - 1) / FPS: one frame off each end of the name's range.
+TRIM_FRAMES = 1
 _N_LANDMARKS = 5
 # Side of the fallback square box over the five landmarks' extent (eyes, nose tip, mouth corners span about a
 # quarter of a head-and-shoulders crop like HDTF's boxes).
@@ -155,8 +166,8 @@ def read_meta_info(path: Path, videos_dir: Path, issues: list[AnnotationIssue]) 
     path = Path(path)
     match = _NAME.fullmatch(path.stem)
     if match is None:
-        detail = (f"{path.name} is not named Clip+<video id>+P<n>+C<n>+F<first>-F<last>.txt, so its video and "
-                  "frame range are unknown; rename it as VFHQ names its meta-info files")
+        detail = (f"{path.name} is not named Clip+<video id>+P<n>+C<n>+F<first>-<last>.txt (VFHQ's meta-info "
+                  "names, e.g. Clip+G0DGRma_p48+P0+C0+F11208-11383.txt), so its video and frame range are unknown")
         issues.append(AnnotationIssue(path.name, 0, "bad_file_name", path.stem, detail))
         return Candidate(candidate_id=as_clip_id(path.stem), source=str(path), dataset=DATASET,
                          annotation_file=str(path), reject_reason="bad_file_name", reject_detail=detail)
@@ -182,8 +193,7 @@ def read_meta_info(path: Path, videos_dir: Path, issues: list[AnnotationIssue]) 
         lines_first, lines_last = frames[0][0], frames[-1][0]
         if abs(lines_first - first) > 1 or abs(lines_last - last) > 1:
             issue("frame_range_mismatch", f"frame lines cover {lines_first}-{lines_last}, the name says "
-                                          f"{first}-{last}; the frame lines are used")
-        first, last = lines_first, lines_last
+                                          f"{first}-{last}; the name's range is used (as the public VFHQ reader)")
     else:
         issue("no_frame_landmarks", f"no per-frame landmark lines; the name's frames {first}-{last} are used")
     box: CropBox | None = None
@@ -209,11 +219,13 @@ def read_meta_info(path: Path, videos_dir: Path, issues: list[AnnotationIssue]) 
         reject = ("fps_missing", f"{path.name} has no usable FPS line ({header.get('FPS')!r}): its frame range "
                                  "cannot be turned into seconds; add 'FPS: <rate>'")
         issue("fps_missing", reject[1], note=False)
-    elif last < first:
-        reject = ("bad_time_range", f"last frame {last} is before first frame {first} ({path.name})")
+    elif last - first <= 2 * TRIM_FRAMES:
+        reject = ("bad_time_range", f"frames {first}-{last} of {path.name} leave nothing once one frame is trimmed "
+                                    "at each end")
         issue("bad_time_range", reject[1], note=False)
     else:
-        candidate = replace(candidate, start_s=round(first / fps, 3), end_s=round((last + 1) / fps, 3))
+        candidate = replace(candidate, start_s=round((first + TRIM_FRAMES) / fps, 3),
+                            end_s=round((last - TRIM_FRAMES) / fps, 3))
     if reject is None:
         reject = name_problem(video)
     if reject is None:
