@@ -22,6 +22,8 @@ import pytest
 import soundfile
 
 from flows.preprocess import preprocess
+from model.syncnet import SyncMeasure
+from preprocess.audio import sync_check
 from preprocess.audio.separate import piece_source_range
 from preprocess.audio.sync_check import (
     _decide,
@@ -29,6 +31,7 @@ from preprocess.audio.sync_check import (
     load_sync_expert,
     save_sync_expert,
     segment_offsets,
+    segment_readings,
     shift_audio,
     sync_frames,
 )
@@ -170,6 +173,64 @@ def test_decisions_follow_the_thresholds_in_order():
     assert "beyond max_correctable_offset_frames 6" in decide(7, 5.0)[1]
     assert "not constant" in decide(3, 5.0, constant=False)[1]
     assert _decide(9, 0.1, False, [9], SyncSettings(reject_and_correct=False)) == ("measured", None)
+
+
+def _paused_piece_distances(seed: int, offset: int = 2, windows: int = 300, pause: range = range(100, 200),
+                            dip: float = 5.94, noise: float = 2.0) -> np.ndarray:
+    """Per-window distances ``(windows, 31)`` of a 12 s piece (300 windows at 25 fps) that speaks with audio
+    leading by ``offset`` frames except for a 4 s pause: spoken windows dip by ``dip`` at the offset's column,
+    paused ones are flat; every entry carries Gaussian noise. The piece's confidence is about 2/3 of ``dip``
+    (3.96 here), its offset ``offset``."""
+    rng = np.random.default_rng(seed)
+    distances = 10.0 + noise * rng.standard_normal((windows, 31))
+    spoken = np.setdiff1d(np.arange(windows), np.asarray(pause))
+    distances[spoken, 15 - offset] -= dip
+    return distances
+
+
+def _check_measure(distances: np.ndarray, tmp_path: Path, monkeypatch, settings: SyncSettings | None = None):
+    """``check_sync`` on a piece whose expert reading is ``distances`` (the model and the frames stubbed)."""
+    import torch
+
+    from model.syncnet import measure_from_distances
+
+    measure = measure_from_distances(torch.from_numpy(distances), 15)
+    assert isinstance(measure, SyncMeasure)
+    piece, out = tmp_path / "piece", tmp_path / "out"
+    piece.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    soundfile.write(piece / AUDIO_FILE, np.zeros(len(distances) * 640 + 6400, np.int16), 16000, subtype="PCM_16")
+    for name in ("clip.mp4", "landmarks.npy", "pose.npy"):
+        (piece / name).write_bytes(b"x")
+    monkeypatch.setattr(sync_check, "sync_offset", lambda *args, **kwargs: measure)
+    monkeypatch.setattr(sync_check, "sync_frames", lambda *args, **kwargs: np.zeros((len(distances) + 5, 8, 8, 3)))
+    model = type("Model", (), {"image_size": 64})()
+    return sync_check.check_sync(piece, model, settings or SyncSettings(), out, clip_size=512, fps=25)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_pause_does_not_veto_a_correctable_offset(seed, tmp_path, monkeypatch):
+    """Issue 22 (a): a 12 s piece at +2 frames (confidence about 3.96) with a 4 s pause. The pause's segment reads
+    a random offset at a low confidence of its own; it must not count, and the piece is corrected by +2."""
+    distances = _paused_piece_distances(seed)
+    result = _check_measure(distances, tmp_path, monkeypatch)
+    readings = segment_readings(distances, 15, 100)
+    print(f"seed {seed}: piece {result.offset_frames:+d} confidence {result.confidence:.2f}; segments {readings}")
+    assert result.offset_frames == 2 and 3.0 <= result.confidence < 5.0
+    assert readings[1][1] < 3.0 <= min(readings[0][1], readings[2][1])  # the pause is the unconfident one
+    assert (result.decision, result.shift_applied_frames) == ("corrected", 2), result.detail
+
+
+def test_a_confident_drift_is_still_rejected_and_one_confident_segment_defers_to_the_piece(tmp_path, monkeypatch):
+    drift = _paused_piece_distances(0, pause=range(0))
+    drift[200:, 15 - 2] += 5.94  # the last 4 s move to +5, as confidently
+    drift[200:, 15 - 5] -= 5.94
+    result = _check_measure(drift, tmp_path, monkeypatch)
+    assert result.decision == "out_of_sync" and "not constant" in result.detail
+    lone = _paused_piece_distances(0, pause=range(100, 300), dip=12.0)  # only the first 4 s speak
+    result = _check_measure(lone, tmp_path / "lone", monkeypatch)
+    assert result.segment_confidences[0] >= 3.0 > max(result.segment_confidences[1:])
+    assert (result.decision, result.shift_applied_frames) == ("corrected", 2)
 
 
 def test_segment_offsets_see_a_drift_and_shift_audio_undoes_a_lead():

@@ -64,14 +64,41 @@ def sync_frames(video: Path, clip_size: int, image_size: int, limits: MediaTimeo
     return np.stack(frames) if frames else np.zeros((0, image_size, image_size, 3), np.uint8)
 
 
-def segment_offsets(distances: np.ndarray, max_shift: int, windows_per_segment: int) -> list[int]:
-    """The offset of each run of ``windows_per_segment`` windows (the last one takes the remainder when it is at
-    least half a segment, else it joins the one before), from the per-window distances ``(N, 2 max_shift + 1)``."""
-    n = len(distances)
+def _segment_bounds(n: int, windows_per_segment: int) -> list[int]:
+    """Window indices where segments start, and ``n``: the last segment takes the remainder when it is at least
+    half a segment, else it joins the one before."""
     bounds = list(range(0, n, windows_per_segment)) + [n]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] < windows_per_segment / 2:
         del bounds[-2]
-    return [int(max_shift - np.argmin(distances[a:b].mean(axis=0))) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return bounds
+
+
+def segment_readings(distances: np.ndarray, max_shift: int, windows_per_segment: int) -> list[tuple[int, float]]:
+    """``(offset, confidence)`` of each run of ``windows_per_segment`` windows, from the per-window distances
+    ``(N, 2 max_shift + 1)``, read as the piece is (argmin, and median minus minimum, of the segment's mean)."""
+    bounds = _segment_bounds(len(distances), windows_per_segment)
+    readings = []
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        mean = distances[a:b].mean(axis=0)
+        readings.append((int(max_shift - np.argmin(mean)), float(np.median(mean) - mean.min())))
+    return readings
+
+
+def segment_offsets(distances: np.ndarray, max_shift: int, windows_per_segment: int) -> list[int]:
+    """The offset of each segment (``segment_readings``), whatever its confidence."""
+    return [offset for offset, _ in segment_readings(distances, max_shift, windows_per_segment)]
+
+
+def offset_is_constant(offset: int, readings: list[tuple[int, float]], settings: SyncSettings) -> tuple[bool, list[int]]:
+    """(constant, the segment offsets that counted). Only a segment whose own confidence passes
+    ``settings.segment_min_confidence`` (``min_confidence`` when unset) counts: a pause, silence or a turned-away
+    face gives a flat mean whose argmin is noise, and must not veto a piece whose offset is clear. With fewer than
+    two confident segments there is nothing to compare, and the piece-level offset decides (constant)."""
+    gate = settings.min_confidence if settings.segment_min_confidence is None else settings.segment_min_confidence
+    counted = [value for value, confidence in readings if confidence >= gate]
+    if len(counted) < 2:
+        return True, counted
+    return all(abs(value - offset) <= settings.max_offset_spread_frames for value in counted), counted
 
 
 def shift_audio(audio: np.ndarray, frames: int, samples_per_frame: int) -> np.ndarray:
@@ -88,7 +115,8 @@ class SyncCheck:
     """The sync expert's reading of one piece and what was done about it.
 
     ``offset_frames``: positive = audio leads video (25 fps frames); ``confidence``: LSE-C; ``min_distance``:
-    LSE-D; ``segment_offsets``: per ``segment_s`` segment; ``decision``: ``in_sync`` (offset 0), ``corrected``
+    LSE-D; ``segment_offsets``, ``segment_confidences``: per ``segment_s`` segment (``offset_constant`` counts only
+    the confident ones); ``decision``: ``in_sync`` (offset 0), ``corrected``
     (audio shifted by ``shift_applied_frames``), ``out_of_sync`` (``detail`` says why) or ``measured`` (the
     settings say record only); ``audio``: the corrected ``clip.wav`` in the stage's directory, else None."""
 
@@ -97,6 +125,7 @@ class SyncCheck:
     min_distance: float
     n_windows: int
     segment_offsets: tuple[int, ...]
+    segment_confidences: tuple[float, ...]
     offset_constant: bool
     decision: str
     shift_applied_frames: int
@@ -137,9 +166,10 @@ def check_sync(piece_dir: Path, model: SyncNetV2, settings: SyncSettings, out_di
     frames = sync_frames(piece_dir / VIDEO_FILE, clip_size, model.image_size, limits)
     measure = sync_offset(model, frames, audio, max_shift=settings.max_shift, batch_size=batch_size,
                           sample_rate=sample_rate)
-    per_segment = segment_offsets(measure.distances, settings.max_shift, max(1, int(round(settings.segment_s * fps))))
-    constant = all(abs(value - measure.offset_frames) <= settings.max_offset_spread_frames for value in per_segment)
-    decision, detail = _decide(measure.offset_frames, measure.confidence, constant, per_segment, settings)
+    readings = segment_readings(measure.distances, settings.max_shift, max(1, int(round(settings.segment_s * fps))))
+    per_segment = [offset for offset, _ in readings]
+    constant, counted = offset_is_constant(measure.offset_frames, readings, settings)
+    decision, detail = _decide(measure.offset_frames, measure.confidence, constant, counted, settings)
     shift, written = 0, None
     if decision == "corrected":
         shift = measure.offset_frames
@@ -150,13 +180,15 @@ def check_sync(piece_dir: Path, model: SyncNetV2, settings: SyncSettings, out_di
         written = AUDIO_FILE
     return SyncCheck(offset_frames=measure.offset_frames, confidence=round(measure.confidence, 4),
                      min_distance=round(measure.min_distance, 4), n_windows=len(measure.distances),
-                     segment_offsets=tuple(per_segment), offset_constant=constant, decision=decision,
+                     segment_offsets=tuple(per_segment),
+                     segment_confidences=tuple(round(confidence, 4) for _, confidence in readings),
+                     offset_constant=constant, decision=decision,
                      shift_applied_frames=shift, detail=detail, audio=written, image_size=model.image_size,
                      max_shift=settings.max_shift)
 
 
 __all__ = ["REASON", "WEIGHTS_HELP", "SyncCheck", "check_sync", "load_sync_expert", "save_sync_expert",
-           "segment_offsets", "shift_audio", "sync_frames"]
+           "offset_is_constant", "segment_offsets", "segment_readings", "shift_audio", "sync_frames"]
 
 
 # ---------------------------------------------------------------- the stage: on each kept piece, before the audio stages
@@ -194,5 +226,5 @@ def _sync_finish(piece, entry: dict, settings, workspace):
     return piece
 
 
-STAGE = Stage(name="sync", version=1, group="audio", models=("sync_expert",), key_parts=_sync_key_parts,
+STAGE = Stage(name="sync", version=2, group="audio", models=("sync_expert",), key_parts=_sync_key_parts,
               run=_sync_run, finish=_sync_finish, enabled=lambda settings: settings.sync.enabled)

@@ -216,6 +216,10 @@ class SyncSettings(_Section):
                              "constant when every segment's offset is within max_offset_spread_frames of the piece's")
     max_offset_spread_frames: int = Field(1, ge=0, description="see segment_s; a drifting offset cannot be "
                                           "corrected by one shift: out_of_sync")
+    segment_min_confidence: float | None = Field(
+        None, ge=0, description="a segment's offset counts in the constancy check only when the segment's own "
+        "confidence reaches this (None: min_confidence); a pause's flat distances have a random argmin. With fewer "
+        "than two confident segments the piece's offset decides")
 
 
 class RunLimits(_Section):
