@@ -3,7 +3,8 @@ clips whose mouth opens with the speech's loudness (``synchrorama.sample_data.ma
 
 A tiny SyncNetV2 is trained here (``tests/test_syncnet.py``'s ``train_tiny_expert``) on a 32 s clip of other
 words, after the pipeline's own probe / locate / standardise stages, and read the way the stage reads a piece (the
-standardised 512 face crop, resized to 64 by ``sync_frames``). Through the stage functions: audio moved by 0, +3
+standardised 512 face crop, cut as syncnet_python cuts it from the face mesh's box and resized to 64 by
+``sync_frames``). Through the stage functions: audio moved by 0, +3
 and -5 frames is measured within one frame, the +3 and -5 pieces get their clip.wav shifted (noted, columns
 filled, the corrected piece measures 0), and a clip with unrelated speech is rejected ``out_of_sync``. One flow
 run (tiny profile, this expert, a real threshold) shows the same in the published tables and shards.
@@ -78,7 +79,7 @@ def expert(tmp_path_factory):
     video = make_lip_sync_video(root / "train.mp4", seconds=32, text=TRAIN_TEXT, variant=1)
     job, _ = _pieces(video, load_settings("tiny"), workspace)
     clip = workspace.cache.entry_dir("standardise", job.standardise_key)
-    frames = sync_frames(clip / "clip.mp4", 512, 64)  # what the stage feeds the expert
+    frames = sync_frames(clip / "clip.mp4", 512, 64, None, clip / "landmarks.npy")  # what the stage feeds it
     audio, _ = soundfile.read(clip / AUDIO_FILE, dtype="int16")
     model = train_tiny_expert(frames, audio, np.random.default_rng(0))
     return save_sync_expert(model, root / "expert" / "syncnet_tiny.model"), model

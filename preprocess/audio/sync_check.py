@@ -6,9 +6,12 @@ clip, keeps it only with confidence >= 3 and |offset| <= 6 frames and shifts its
 and its evaluation are the project's one sync expert, ``model.syncnet`` (``sync_offset``: the public
 SyncNetInstance.evaluate, +/-15 frames, confidence = median minus minimum of the mean distances). Deviations:
 
-* Input: the piece's own ``clip.mp4`` (the standardised 512 x 512 face crop, decoded whole and resized to the
-  model's size with ``cv2.resize``, bilinear, as syncnet_python's ``crop_video`` does) and ``clip.wav`` (16 kHz
-  mono int16); no S3FD track, since the piece already is a face crop (see ``model.syncnet.syncnet_video``).
+* Input: the piece's own ``clip.wav`` (16 kHz mono int16) and ``clip.mp4`` (the standardised 512 x 512 training
+  crop), each frame cut again as syncnet_python's ``run_pipeline.py`` ``crop_video`` cuts the crops syncnet_v2
+  was trained and evaluated on (``sync_frames``; issue 22: the 512 crop frames the face differently, which moves
+  offset and confidence). Deviation: the face box is the extent of the piece's face-mesh landmarks
+  (``landmarks.npy``), not an S3FD detection; the landmark extent runs from about the brow line to the chin,
+  an S3FD box a little higher, so the crop sits slightly lower on the face than the reference's.
 * Constancy: one shift can only fix a constant offset. The offset is also read per ``segment_s`` segment of
   windows (the same distances, averaged per segment); a piece whose segment offsets stray more than
   ``max_offset_spread_frames`` from its own is not corrected but rejected (a drifting offset, e.g. a variable
@@ -37,11 +40,14 @@ import numpy as np
 import soundfile
 
 from model.syncnet import SIZE_SUFFIX as SYNC_SIZE_SUFFIX
-from model.syncnet import (  # the expert's files: one convention, in the model's module
+from model.syncnet import (  # the expert's files and input: one convention, in the model's module
     WEIGHTS_HELP,
     SyncNetV2,
+    landmark_boxes,
     load_sync_expert,
     save_sync_expert,
+    sync_crop,
+    sync_crop_track,
     sync_offset,
 )
 from preprocess.run.cache import link_or_copy
@@ -54,13 +60,28 @@ from preprocess.video.faces import LANDMARKS_FILE, POSE_FILE
 from preprocess.video.standardise import AUDIO_FILE, VIDEO_FILE
 
 REASON = "out_of_sync"
-def sync_frames(video: Path, clip_size: int, image_size: int, limits: MediaTimeouts | None = None) -> np.ndarray:
-    """``(T, S, S, 3)`` uint8 RGB: the piece's ``clip_size`` face crop, each frame resized to the expert's
-    ``image_size`` with ``cv2.resize`` (bilinear), as the stage feeds it. Tests train their expert on this too."""
+def sync_frames(video: Path, clip_size: int, image_size: int, limits: MediaTimeouts | None = None,
+                landmarks: Path | np.ndarray | None = None) -> np.ndarray:
+    """``(T, S, S, 3)`` uint8 RGB at the expert's ``image_size``: syncnet_python's crop (``model.syncnet.sync_crop``:
+    from ``s`` above to ``1.8 s`` below the face box's centre, ``1.4 s`` to either side, padded with 110, the box
+    median-filtered over 13 frames) of each frame of the piece's ``clip_size`` clip, the box being the extent of
+    that frame's face-mesh ``landmarks`` (``(T, N, 3)`` normalised, or the piece's ``landmarks.npy``). Without
+    landmarks (no file, or no face in any frame) each whole frame is resized, as before issue 22. Frames are
+    cropped as they are decoded, so a piece never sits in memory at 512. Tests train their expert on this too."""
     import cv2
 
-    frames = [frame if clip_size == image_size else cv2.resize(frame, (image_size, image_size))
-              for frame in iter_rgb_frames(video, width=clip_size, height=clip_size, limits=limits)]
+    if isinstance(landmarks, Path):
+        landmarks = np.load(landmarks) if landmarks.is_file() else None
+    track = None
+    if landmarks is not None and len(landmarks):
+        track = sync_crop_track(landmark_boxes(landmarks, clip_size, clip_size))
+    frames = []
+    for index, frame in enumerate(iter_rgb_frames(video, width=clip_size, height=clip_size, limits=limits)):
+        if track is None:
+            frames.append(frame if clip_size == image_size else cv2.resize(frame, (image_size, image_size)))
+        else:
+            t = min(index, len(track.s) - 1)
+            frames.append(sync_crop(frame, track.s[t], track.x[t], track.y[t], image_size))
     return np.stack(frames) if frames else np.zeros((0, image_size, image_size, 3), np.uint8)
 
 
@@ -163,7 +184,7 @@ def check_sync(piece_dir: Path, model: SyncNetV2, settings: SyncSettings, out_di
     audio, sample_rate = soundfile.read(piece_dir / AUDIO_FILE, dtype="int16")
     if audio.ndim != 1:
         raise ValueError(f"{piece_dir / AUDIO_FILE} has {audio.shape[1]} channels; the pipeline writes mono")
-    frames = sync_frames(piece_dir / VIDEO_FILE, clip_size, model.image_size, limits)
+    frames = sync_frames(piece_dir / VIDEO_FILE, clip_size, model.image_size, limits, piece_dir / LANDMARKS_FILE)
     measure = sync_offset(model, frames, audio, max_shift=settings.max_shift, batch_size=batch_size,
                           sample_rate=sample_rate)
     readings = segment_readings(measure.distances, settings.max_shift, max(1, int(round(settings.segment_s * fps))))
@@ -226,5 +247,5 @@ def _sync_finish(piece, entry: dict, settings, workspace):
     return piece
 
 
-STAGE = Stage(name="sync", version=2, group="audio", models=("sync_expert",), key_parts=_sync_key_parts,
+STAGE = Stage(name="sync", version=3, group="audio", models=("sync_expert",), key_parts=_sync_key_parts,
               run=_sync_run, finish=_sync_finish, enabled=lambda settings: settings.sync.enabled)
