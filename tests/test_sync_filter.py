@@ -61,7 +61,7 @@ MIN_CONFIDENCE = 0.6
 
 def _settings(model_path: Path, **sync):
     return load_settings("tiny", {"models": {"sync_expert": {"model": str(model_path)}},
-                                  "sync": {"reject_and_correct": True, "min_confidence": MIN_CONFIDENCE, **sync}},
+                                  "sync": {"mode": "reject_and_correct", "min_confidence": MIN_CONFIDENCE, **sync}},
                          dataset="folder")
 
 
@@ -173,7 +173,7 @@ def test_decisions_follow_the_thresholds_in_order():
     assert decide(0, 2.9)[0] == "out_of_sync" and "confidence 2.90 < min_confidence 3.0" in decide(0, 2.9)[1]
     assert "beyond max_correctable_offset_frames 6" in decide(7, 5.0)[1]
     assert "not constant" in decide(3, 5.0, constant=False)[1]
-    assert _decide(9, 0.1, False, [9], SyncSettings(reject_and_correct=False)) == ("measured", None)
+    assert _decide(9, 0.1, False, [9], SyncSettings(mode="record_only")) == ("measured", None)
 
 
 def _paused_piece_distances(seed: int, offset: int = 2, windows: int = 300, pause: range = range(100, 200),
@@ -234,6 +234,17 @@ def test_a_confident_drift_is_still_rejected_and_one_confident_segment_defers_to
     assert (result.decision, result.shift_applied_frames) == ("corrected", 2)
 
 
+def test_record_only_measures_and_records_but_never_rejects_or_shifts(tmp_path, monkeypatch):
+    """Issue 22 (c): ``mode=record_only`` on a correctable piece and on an unconfident one."""
+    settings = SyncSettings(mode="record_only")
+    for name, distances in {"correctable": _paused_piece_distances(0, pause=range(0)),
+                            "unconfident": _paused_piece_distances(0, dip=1.0)}.items():
+        result = _check_measure(distances, tmp_path / name, monkeypatch, settings)
+        assert result.offset_frames == 2 and result.confidence > 0  # measured
+        assert (result.decision, result.shift_applied_frames, result.audio, result.detail) == ("measured", 0, None, None)
+        assert not (tmp_path / name / "out" / AUDIO_FILE).exists()
+
+
 def test_segment_offsets_see_a_drift_and_shift_audio_undoes_a_lead():
     distances = np.ones((250, 31))
     distances[:100, 15 - 2] = 0  # windows 0-99 read offset +2 ...
@@ -277,7 +288,7 @@ def flow_run(expert, tmp_path_factory):
     make_lip_sync_video(raw / "early_audio.mp4", seconds=6, audio_lead_frames=3)
     make_lip_sync_video(raw / "dubbed.mp4", seconds=6, audio_text=OTHER_TEXT)
     overrides = {"models": {"sync_expert": {"model": str(path)}},
-                 "sync": {"reject_and_correct": True, "min_confidence": MIN_CONFIDENCE}}
+                 "sync": {"mode": "reject_and_correct", "min_confidence": MIN_CONFIDENCE}}
     preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny", overrides=overrides)
     return out
 

@@ -138,8 +138,8 @@ class SyncCheck:
     ``offset_frames``: positive = audio leads video (25 fps frames); ``confidence``: LSE-C; ``min_distance``:
     LSE-D; ``segment_offsets``, ``segment_confidences``: per ``segment_s`` segment (``offset_constant`` counts only
     the confident ones); ``decision``: ``in_sync`` (offset 0), ``corrected``
-    (audio shifted by ``shift_applied_frames``), ``out_of_sync`` (``detail`` says why) or ``measured`` (the
-    settings say record only); ``audio``: the corrected ``clip.wav`` in the stage's directory, else None."""
+    (audio shifted by ``shift_applied_frames``), ``out_of_sync`` (``detail`` says why) or ``measured`` (``mode=record_only``:
+    recorded, never acted on); ``audio``: the corrected ``clip.wav`` in the stage's directory, else None."""
 
     offset_frames: int
     confidence: float
@@ -159,7 +159,7 @@ class SyncCheck:
 def _decide(offset: int, confidence: float, constant: bool, spread: list[int],
             settings: SyncSettings) -> tuple[str, str | None]:
     """(decision, detail) by the thresholds, in the order LatentSync applies them (confidence, then offset)."""
-    if not settings.reject_and_correct:
+    if settings.mode == "record_only":
         return "measured", None
     if confidence < settings.min_confidence:
         return REASON, (f"confidence {confidence:.2f} < min_confidence {settings.min_confidence} (offset "
