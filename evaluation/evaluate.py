@@ -10,8 +10,9 @@ noted) and both are cut to the shorter frame count (noted). Per clip, as ``evalu
 - FID, FVD, E-FID: also per clip (frames, 16-frame windows, frames as samples: small-sample and biased, only
   for finding outliers; FVD needs two windows, i.e. 32 frames); the aggregate pools every clip's features;
 - AU F1: the preprocessing AU estimator (``preprocess.visual.action_units.au_backend``) on both clips' face meshes;
-- Sync: ``model.syncnet.sync_offset`` (the project's one SyncNet) on the generated clip's frames (the whole
-  frame is the face crop, as in the training clips) and its own audio track;
+- Sync: ``model.syncnet.sync_offset`` (the project's one SyncNet) on the generated clip's frames, each cut as
+  syncnet_python's ``crop_video`` cuts them (``model.syncnet.sync_crops``, from the face mesh's box; the whole
+  frame where no face is found), and its own audio track;
 - CCC_V / CCC_A: the preprocessing valence-arousal model, which is AUDIO-based (audEERING's wav2vec2 on 2 s
   windows, hop 1 s; ``preprocess.audio.valence_arousal``), run on each clip's own audio track (not Demucs-separated,
   unlike preprocessing). A generated clip carries its driving audio, so when that is the ground truth's audio
@@ -287,10 +288,11 @@ def evaluate_clip(ev: Evaluators, pair: ClipPair, work: Path) -> tuple[dict, Cli
     k = min(len(features.va_g), len(features.va_t))
     sync = {"sync_conf": math.nan, "sync_dist": math.nan, "sync_offset": math.nan}
     if ev.syncnet is not None and audio_g is not None:
-        from model.syncnet import sync_offset
+        from model.syncnet import sync_crops, sync_offset
 
-        try:
-            measure = sync_offset(ev.syncnet, generated, audio_g, max_shift=s.sync_max_shift)
+        try:  # syncnet_python's crop of each frame, from the face mesh's box (as the sync filter feeds it)
+            measure = sync_offset(ev.syncnet, sync_crops(generated, lm_g, ev.syncnet.image_size), audio_g,
+                                  max_shift=s.sync_max_shift)
             sync = {"sync_conf": measure.confidence, "sync_dist": measure.min_distance,
                     "sync_offset": float(measure.offset_frames)}
         except ValueError as error:  # too short for a SyncNet window: a value of this clip, not a crash

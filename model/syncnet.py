@@ -234,10 +234,8 @@ def syncnet_mfcc(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarra
 def syncnet_video(frames: np.ndarray, image_size: int = FULL_IMAGE_SIZE, channel_order: str = "rgb") -> torch.Tensor:
     """``frames (T, H, W, 3)`` uint8 face crops -> ``(3, T, S, S)`` float BGR 0..255 at ``S = image_size``.
 
-    The whole frame is the face crop: the project's clips are square face crops already. Deviation: syncnet_python's
-    ``crop_video`` cuts its crop from a median-filtered S3FD box (the box's half-size ``s`` above and ``1.8 s``
-    below its centre, ``1.4 s`` to either side, i.e. ``crop_scale = 0.4``); on uncropped source frames, cut a crop
-    like that first. Resized with ``cv2.resize`` (bilinear), as ``crop_video`` does."""
+    The whole frame is taken as the face crop: cut it with ``sync_crops`` first (syncnet_python's ``crop_video``
+    framing, from face landmarks), as the filter and the evaluation do. Resized with ``cv2.resize`` (bilinear)."""
     import cv2
 
     frames = np.asarray(frames)
@@ -250,6 +248,90 @@ def syncnet_video(frames: np.ndarray, image_size: int = FULL_IMAGE_SIZE, channel
     if channel_order == "rgb":
         frames = frames[..., ::-1]  # the model was trained on cv2's BGR
     return torch.from_numpy(np.ascontiguousarray(frames).astype(np.float32)).permute(3, 0, 1, 2)
+
+
+# syncnet_python's run_pipeline.py: --crop_scale default, crop_video's median filter and padding value.
+CROP_SCALE = 0.4
+BOX_MEDIAN_KERNEL = 13
+CROP_PAD_VALUE = 110
+
+
+@dataclass(frozen=True)
+class SyncCropTrack:
+    """Per-frame crop boxes as ``crop_video`` keeps them (``dets``), in pixels of the frames they cut:
+    ``s`` half the box's larger side, ``x`` / ``y`` its centre; each ``(T,)``, median-filtered over time."""
+
+    s: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+
+
+def landmark_boxes(landmarks: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``(T, 4)`` face boxes ``x1, y1, x2, y2`` in pixels: the x / y extent of each frame's normalised landmarks
+    ``(T, N, >= 2)`` (MediaPipe's face mesh; x by width, y by height). NaN rows where the frame has no face."""
+    points = np.asarray(landmarks, np.float64)[..., :2] * (width, height)
+    boxes = np.full((len(points), 4), np.nan)
+    found = np.isfinite(points).all(axis=(1, 2))
+    if found.any():
+        boxes[found] = np.concatenate([points[found].min(axis=1), points[found].max(axis=1)], axis=1)
+    return boxes
+
+
+def sync_crop_track(boxes: np.ndarray) -> SyncCropTrack | None:
+    """syncnet_python's ``crop_video`` box smoothing, from per-frame boxes ``(T, 4)`` ``x1, y1, x2, y2``:
+    ``s = max(y2 - y1, x2 - x1) / 2``, centre ``((x1 + x2) / 2, (y1 + y2) / 2)``, each smoothed with
+    ``scipy.signal.medfilt(kernel_size=13)`` (zero-padded at the ends, as there). Frames without a box (NaN)
+    are filled linearly from their neighbours first, as ``track_shot`` interpolates between detections
+    (``interp1d``); before the first and after the last box, the nearest one holds. None when no frame has one."""
+    from scipy import signal
+
+    boxes = np.asarray(boxes, np.float64)
+    found = np.isfinite(boxes).all(axis=1)
+    if not found.any():
+        return None
+    frames = np.arange(len(boxes))
+    boxes = np.stack([np.interp(frames, frames[found], boxes[found, k]) for k in range(4)], axis=1)
+    kernel = BOX_MEDIAN_KERNEL
+    s = np.maximum(boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]) / 2
+    return SyncCropTrack(s=signal.medfilt(s, kernel_size=kernel),
+                         x=signal.medfilt((boxes[:, 0] + boxes[:, 2]) / 2, kernel_size=kernel),
+                         y=signal.medfilt((boxes[:, 1] + boxes[:, 3]) / 2, kernel_size=kernel))
+
+
+def sync_crop(frame: np.ndarray, s: float, x: float, y: float, image_size: int = FULL_IMAGE_SIZE,
+              crop_scale: float = CROP_SCALE) -> np.ndarray:
+    """One frame's crop as syncnet_python's ``crop_video`` cuts it, resized to ``image_size`` (``cv2.resize``):
+    the frame padded by ``bsi = int(s (1 + 2 cs))`` pixels of value 110 on every side, then rows
+    ``int(y + bsi - s) .. int(y + bsi + s (1 + 2 cs))`` and columns ``int(x + bsi - s (1 + cs)) .. int(x + bsi +
+    s (1 + cs))``, i.e. from ``s`` above to ``1.8 s`` below the box centre and ``1.4 s`` to either side at
+    ``cs = 0.4``. ``frame (H, W, 3)`` uint8, any channel order (the padding is grey)."""
+    import cv2
+
+    pad = int(s * (1 + 2 * crop_scale))
+    padded = np.pad(frame, ((pad, pad), (pad, pad), (0, 0)), "constant", constant_values=(CROP_PAD_VALUE,))
+    my, mx = y + pad, x + pad
+    face = padded[int(my - s):int(my + s * (1 + 2 * crop_scale)),
+                  int(mx - s * (1 + crop_scale)):int(mx + s * (1 + crop_scale))]
+    return cv2.resize(face, (image_size, image_size))
+
+
+def sync_crops(frames: np.ndarray, landmarks: np.ndarray | None, image_size: int = FULL_IMAGE_SIZE) -> np.ndarray:
+    """``(T, S, S, 3)`` uint8: syncnet_python's crop of each frame ``(T, H, W, 3)``, its face box the extent of
+    that frame's landmarks ``(T', N, >= 2)`` (normalised), smoothed over the clip as ``crop_video`` does. The
+    landmarks are matched to the frames by index (a shorter array holds its last row). Without landmarks, or
+    with no face in any frame, each whole frame is resized (the frame is taken to be the face crop already)."""
+    import cv2
+
+    frames = np.asarray(frames)
+    track = None
+    if landmarks is not None and len(landmarks) and len(frames):
+        landmarks = np.asarray(landmarks)[np.minimum(np.arange(len(frames)), len(landmarks) - 1)]
+        track = sync_crop_track(landmark_boxes(landmarks, frames.shape[2], frames.shape[1]))
+    if track is None:
+        resized = [frame if frame.shape[:2] == (image_size, image_size) else cv2.resize(frame, (image_size, image_size))
+                   for frame in frames]
+        return np.stack(resized) if resized else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return np.stack([sync_crop(frame, track.s[t], track.x[t], track.y[t], image_size) for t, frame in enumerate(frames)])
 
 
 def window_count(num_frames: int, num_samples: int) -> int:

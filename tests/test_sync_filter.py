@@ -3,7 +3,8 @@ clips whose mouth opens with the speech's loudness (``synchrorama.sample_data.ma
 
 A tiny SyncNetV2 is trained here (``tests/test_syncnet.py``'s ``train_tiny_expert``) on a 32 s clip of other
 words, after the pipeline's own probe / locate / standardise stages, and read the way the stage reads a piece (the
-standardised 512 face crop, resized to 64 by ``sync_frames``). Through the stage functions: audio moved by 0, +3
+standardised 512 face crop, cut as syncnet_python cuts it from the face mesh's box and resized to 64 by
+``sync_frames``). Through the stage functions: audio moved by 0, +3
 and -5 frames is measured within one frame, the +3 and -5 pieces get their clip.wav shifted (noted, columns
 filled, the corrected piece measures 0), and a clip with unrelated speech is rejected ``out_of_sync``. One flow
 run (tiny profile, this expert, a real threshold) shows the same in the published tables and shards.
@@ -22,6 +23,8 @@ import pytest
 import soundfile
 
 from flows.preprocess import preprocess
+from model.syncnet import SyncMeasure
+from preprocess.audio import sync_check
 from preprocess.audio.separate import piece_source_range
 from preprocess.audio.sync_check import (
     _decide,
@@ -29,6 +32,7 @@ from preprocess.audio.sync_check import (
     load_sync_expert,
     save_sync_expert,
     segment_offsets,
+    segment_readings,
     shift_audio,
     sync_frames,
 )
@@ -57,7 +61,7 @@ MIN_CONFIDENCE = 0.6
 
 def _settings(model_path: Path, **sync):
     return load_settings("tiny", {"models": {"sync_expert": {"model": str(model_path)}},
-                                  "sync": {"reject_and_correct": True, "min_confidence": MIN_CONFIDENCE, **sync}},
+                                  "sync": {"mode": "reject_and_correct", "min_confidence": MIN_CONFIDENCE, **sync}},
                          dataset="folder")
 
 
@@ -75,7 +79,7 @@ def expert(tmp_path_factory):
     video = make_lip_sync_video(root / "train.mp4", seconds=32, text=TRAIN_TEXT, variant=1)
     job, _ = _pieces(video, load_settings("tiny"), workspace)
     clip = workspace.cache.entry_dir("standardise", job.standardise_key)
-    frames = sync_frames(clip / "clip.mp4", 512, 64)  # what the stage feeds the expert
+    frames = sync_frames(clip / "clip.mp4", 512, 64, None, clip / "landmarks.npy")  # what the stage feeds it
     audio, _ = soundfile.read(clip / AUDIO_FILE, dtype="int16")
     model = train_tiny_expert(frames, audio, np.random.default_rng(0))
     return save_sync_expert(model, root / "expert" / "syncnet_tiny.model"), model
@@ -169,7 +173,76 @@ def test_decisions_follow_the_thresholds_in_order():
     assert decide(0, 2.9)[0] == "out_of_sync" and "confidence 2.90 < min_confidence 3.0" in decide(0, 2.9)[1]
     assert "beyond max_correctable_offset_frames 6" in decide(7, 5.0)[1]
     assert "not constant" in decide(3, 5.0, constant=False)[1]
-    assert _decide(9, 0.1, False, [9], SyncSettings(reject_and_correct=False)) == ("measured", None)
+    assert _decide(9, 0.1, False, [9], SyncSettings(mode="record_only")) == ("measured", None)
+
+
+def _paused_piece_distances(seed: int, offset: int = 2, windows: int = 300, pause: range = range(100, 200),
+                            dip: float = 5.94, noise: float = 2.0) -> np.ndarray:
+    """Per-window distances ``(windows, 31)`` of a 12 s piece (300 windows at 25 fps) that speaks with audio
+    leading by ``offset`` frames except for a 4 s pause: spoken windows dip by ``dip`` at the offset's column,
+    paused ones are flat; every entry carries Gaussian noise. The piece's confidence is about 2/3 of ``dip``
+    (3.96 here), its offset ``offset``."""
+    rng = np.random.default_rng(seed)
+    distances = 10.0 + noise * rng.standard_normal((windows, 31))
+    spoken = np.setdiff1d(np.arange(windows), np.asarray(pause))
+    distances[spoken, 15 - offset] -= dip
+    return distances
+
+
+def _check_measure(distances: np.ndarray, tmp_path: Path, monkeypatch, settings: SyncSettings | None = None):
+    """``check_sync`` on a piece whose expert reading is ``distances`` (the model and the frames stubbed)."""
+    import torch
+
+    from model.syncnet import measure_from_distances
+
+    measure = measure_from_distances(torch.from_numpy(distances), 15)
+    assert isinstance(measure, SyncMeasure)
+    piece, out = tmp_path / "piece", tmp_path / "out"
+    piece.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    soundfile.write(piece / AUDIO_FILE, np.zeros(len(distances) * 640 + 6400, np.int16), 16000, subtype="PCM_16")
+    for name in ("clip.mp4", "landmarks.npy", "pose.npy"):
+        (piece / name).write_bytes(b"x")
+    monkeypatch.setattr(sync_check, "sync_offset", lambda *args, **kwargs: measure)
+    monkeypatch.setattr(sync_check, "sync_frames", lambda *args, **kwargs: np.zeros((len(distances) + 5, 8, 8, 3)))
+    model = type("Model", (), {"image_size": 64})()
+    return sync_check.check_sync(piece, model, settings or SyncSettings(), out, clip_size=512, fps=25)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_pause_does_not_veto_a_correctable_offset(seed, tmp_path, monkeypatch):
+    """Issue 22 (a): a 12 s piece at +2 frames (confidence about 3.96) with a 4 s pause. The pause's segment reads
+    a random offset at a low confidence of its own; it must not count, and the piece is corrected by +2."""
+    distances = _paused_piece_distances(seed)
+    result = _check_measure(distances, tmp_path, monkeypatch)
+    readings = segment_readings(distances, 15, 100)
+    print(f"seed {seed}: piece {result.offset_frames:+d} confidence {result.confidence:.2f}; segments {readings}")
+    assert result.offset_frames == 2 and 3.0 <= result.confidence < 5.0
+    assert readings[1][1] < 3.0 <= min(readings[0][1], readings[2][1])  # the pause is the unconfident one
+    assert (result.decision, result.shift_applied_frames) == ("corrected", 2), result.detail
+
+
+def test_a_confident_drift_is_still_rejected_and_one_confident_segment_defers_to_the_piece(tmp_path, monkeypatch):
+    drift = _paused_piece_distances(0, pause=range(0))
+    drift[200:, 15 - 2] += 5.94  # the last 4 s move to +5, as confidently
+    drift[200:, 15 - 5] -= 5.94
+    result = _check_measure(drift, tmp_path, monkeypatch)
+    assert result.decision == "out_of_sync" and "not constant" in result.detail
+    lone = _paused_piece_distances(0, pause=range(100, 300), dip=12.0)  # only the first 4 s speak
+    result = _check_measure(lone, tmp_path / "lone", monkeypatch)
+    assert result.segment_confidences[0] >= 3.0 > max(result.segment_confidences[1:])
+    assert (result.decision, result.shift_applied_frames) == ("corrected", 2)
+
+
+def test_record_only_measures_and_records_but_never_rejects_or_shifts(tmp_path, monkeypatch):
+    """Issue 22 (c): ``mode=record_only`` on a correctable piece and on an unconfident one."""
+    settings = SyncSettings(mode="record_only")
+    for name, distances in {"correctable": _paused_piece_distances(0, pause=range(0)),
+                            "unconfident": _paused_piece_distances(0, dip=1.0)}.items():
+        result = _check_measure(distances, tmp_path / name, monkeypatch, settings)
+        assert result.offset_frames == 2 and result.confidence > 0  # measured
+        assert (result.decision, result.shift_applied_frames, result.audio, result.detail) == ("measured", 0, None, None)
+        assert not (tmp_path / name / "out" / AUDIO_FILE).exists()
 
 
 def test_segment_offsets_see_a_drift_and_shift_audio_undoes_a_lead():
@@ -215,7 +288,7 @@ def flow_run(expert, tmp_path_factory):
     make_lip_sync_video(raw / "early_audio.mp4", seconds=6, audio_lead_frames=3)
     make_lip_sync_video(raw / "dubbed.mp4", seconds=6, audio_text=OTHER_TEXT)
     overrides = {"models": {"sync_expert": {"model": str(path)}},
-                 "sync": {"reject_and_correct": True, "min_confidence": MIN_CONFIDENCE}}
+                 "sync": {"mode": "reject_and_correct", "min_confidence": MIN_CONFIDENCE}}
     preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny", overrides=overrides)
     return out
 

@@ -199,13 +199,17 @@ class SyncSettings(_Section):
     shifted when the offset is constant and small, the piece rejected ``out_of_sync`` when the confidence is low.
 
     Defaults are LatentSync's data pipeline (keep confidence >= 3 and |offset| <= 6 frames, shift to offset 0)
-    with the public evaluation's search range (+/-15 frames). SyncNet-style confidences are known to be low on
+    with the public evaluation's search range (+/-15 frames); those thresholds were set on syncnet_v2 fed
+    syncnet_python's own face crop, which the stage reproduces (docs/sync_expert.md). On other data, run
+    ``mode=record_only`` first and read the report's confidence and offset histograms. SyncNet-style confidences are known to be low on
     non-English speech, so in-the-wild datasets get a lower threshold (``DATASET_SETTINGS``)."""
 
     enabled: bool = Field(True, description="measure every kept piece (needs models.sync_expert)")
-    reject_and_correct: bool = Field(
-        True, description="False: measure and record only, never reject or shift (the tiny profile: a random "
-        "expert's numbers mean nothing)")
+    mode: Literal["reject_and_correct", "record_only"] = Field(
+        "reject_and_correct", description="reject_and_correct: apply the thresholds below (reject out_of_sync, shift "
+        "the audio of a correctable offset); record_only: measure offset and confidence and record them "
+        "(av_* columns, the report's histograms) but never reject or shift, to calibrate the thresholds on one's own "
+        "data before filtering with them (the tiny profile: a random expert's numbers mean nothing)")
     max_shift: int = Field(15, ge=1, le=30, description="offsets searched: -max_shift..+max_shift frames (25 fps)")
     min_confidence: float = Field(3.0, ge=0, description="confidence (median minus minimum of the mean distances "
                                   "over the shifts, LSE-C) below this: out_of_sync")
@@ -216,6 +220,10 @@ class SyncSettings(_Section):
                              "constant when every segment's offset is within max_offset_spread_frames of the piece's")
     max_offset_spread_frames: int = Field(1, ge=0, description="see segment_s; a drifting offset cannot be "
                                           "corrected by one shift: out_of_sync")
+    segment_min_confidence: float | None = Field(
+        None, ge=0, description="a segment's offset counts in the constancy check only when the segment's own "
+        "confidence reaches this (None: min_confidence); a pause's flat distances have a random argmin. With fewer "
+        "than two confident segments the piece's offset decides")
 
 
 class RunLimits(_Section):
@@ -492,7 +500,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         # size, so its processor does not resize them again; two frames and 16 new tokens keep the demo quick.
         "visual": {"description": {"n_frames": 2, "frame_size": 112, "max_new_tokens": 16}},
         # A random sync expert's offsets and confidences mean nothing: measured and recorded, never acted on.
-        "sync": {"reject_and_correct": False},
+        "sync": {"mode": "record_only"},
     },
 }
 
