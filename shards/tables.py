@@ -85,6 +85,7 @@ CLIPS_SCHEMA = pa.schema([
     ("crop_x", pa.float64()),
     ("crop_y", pa.float64()),
     ("crop_size", pa.float64()),
+    ("upscale_factor", pa.float64()),  # standardise.size / the source crop's side (ffmpeg's whole pixels): > 1 upscaled
     ("crop_method", pa.string()),  # annotated / landmarks / detector (fixed box) / track (follows the face)
     ("crop_max_speed", pa.float64()),  # a track's fastest move, crop sides per second; null for a fixed box
     ("face_frames_fraction", pa.float64()),

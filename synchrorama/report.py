@@ -137,8 +137,10 @@ def write_report(out_dir: Path, path: Path | None = None) -> Path:
             ax.set_xlabel("SyncNet AV offset (frames, + = audio leads)")), "AV offset before correction"))
     # picture quality (preprocess.video.frame_quality / identity): kept and rejected stacked, to set the thresholds from
     for column, label in (("sharpness", "face-crop Laplacian variance (blurry below filters.min_sharpness)"),
-                          ("identity_change", "identity change score (identity_change above "
-                                              "filters.max_identity_change)")):
+                          ("identity_change", "identity change score (recorded; rejects above "
+                                              "filters.max_identity_change with reject_identity_change)"),
+                          ("upscale_factor", "upscale of the source crop to 512 (low_resolution above "
+                                             "1 / filters.min_source_crop_fraction)")):
         measured = [row for row in clips if row.get(column) is not None]
         if measured:
             figures.append(_figure_html(lambda ax, measured=measured, column=column, label=label: (

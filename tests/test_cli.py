@@ -60,11 +60,11 @@ def test_report_writes_html_with_plots(small_run):
     result = runner.invoke(app, ["report", str(small_run)])
     assert result.exit_code == 0, result.output
     page = (small_run / "report.html").read_text()
-    # 5 figures, 2 of the sync check (av_confidence, av_offset_frames), 2 of the picture quality (sharpness,
-    # identity_change): the kept clip has all of these measured
-    assert page.count("data:image/png;base64,") == 9
+    # 5 figures, 2 of the sync check (av_confidence, av_offset_frames), 3 of the picture quality (sharpness,
+    # identity_change, upscale_factor): the kept clip has all of these measured
+    assert page.count("data:image/png;base64,") == 10
     for title in ("Head yaw", "Kept clip durations", "Reject reasons", "Time per stage",
-                  "Action units over all kept frames", "Sharpness", "Identity change"):
+                  "Action units over all kept frames", "Sharpness", "Identity change", "Upscale factor"):
         assert title in page
     # the AU summary (100 frames of the one kept clip) and the sample of descriptions with the prompt
     assert "100 frames of 1 clips" in page and "geometric-facemesh-v1" in page

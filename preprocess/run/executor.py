@@ -84,6 +84,8 @@ def run_stage(stage: Stage, item: Item, settings: PreprocessSettings, workspace:
             prepared = stage.prepare(item, settings, workspace)
             if isinstance(prepared, Rejection):
                 return rejected(item, prepared)
+            if prepared.rejection is not None:  # rejected with what prepare learnt kept on it (standardise's crop)
+                return prepared
             item = prepared
         key = stage_key(stage, item, settings, workspace)
         stored, cached = workspace.cache.run(stage.name, key, lambda out_dir: stage.run(item, settings, workspace,

@@ -46,7 +46,7 @@ from preprocess.run.model_loading import is_tiny_reference
 from preprocess.run.records import AnnotationIssue, Rejection
 from preprocess.run.settings import PreprocessSettings
 from preprocess.video.faces import LANDMARKS_FILE, POSE_FILE
-from preprocess.video.standardise import AUDIO_FILE, VIDEO_FILE
+from preprocess.video.standardise import AUDIO_FILE, VIDEO_FILE, upscale_factor
 from preprocess.visual.action_units import GeometricAUs
 from shards.schema import (
     AUS_MEMBER,
@@ -396,7 +396,8 @@ def clip_row(outcome: PieceOutcome, settings: PreprocessSettings, shard_of: dict
         "audio_source": job.candidate.audio_source,
     }
     if job.crop_box:
-        row.update(crop_x=job.crop_box.x, crop_y=job.crop_box.y, crop_size=job.crop_box.w)
+        row.update(crop_x=job.crop_box.x, crop_y=job.crop_box.y, crop_size=job.crop_box.w,
+                   upscale_factor=upscale_factor(job.crop_box.w, settings.standardise.size))
     if outcome.frames and fps:
         start, end = outcome.frames
         row.update(source_start_s=round(job.candidate.start_s + start / fps, 3),

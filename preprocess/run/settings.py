@@ -136,8 +136,8 @@ class ShotSettings(_Section):
     """Shot-cut detection (``preprocess.video.shots``: an equivalent of PySceneDetect's ContentDetector, its defaults)."""
 
     datasets: tuple[str, ...] = Field(
-        ("folder", "vfhq", "mead"), description="dataset kinds whose clips are split at shot cuts (HDTF's annotated "
-        "windows are single shots); the content scores are measured for every clip anyway")
+        ("folder", "hdtf", "vfhq", "mead"), description="dataset kinds whose clips are split at shot cuts (every "
+        "kind: HDTF's annotated windows do contain cuts); the cuts are counted (n_shot_cuts) for every clip anyway")
     threshold: float = Field(27.0, gt=0, description="content score (mean |HSV difference| of consecutive frames, "
                              "0-255 scale) at or above which a frame starts a new shot; PySceneDetect's default")
     min_shot_frames: int = Field(15, ge=1, description="a cut closer than this to the previous cut is ignored "
@@ -172,6 +172,10 @@ class FilterSettings(_Section):
     max_clip_s: float = Field(20.0, description="longer clips are split into equal pieces of at most this")
     min_face_frames_fraction: float = Field(0.9, description="below this fraction of frames with a face: no_face")
     min_face_px: float = Field(64.0, description="median detected face height in source pixels; below: face_too_small")
+    min_source_crop_fraction: float | None = Field(
+        0.5, ge=0, le=1, description="the square crop's side in source pixels below this fraction of "
+        "standardise.size (0.5: 256 px for 512): low_resolution, decided before the encode (LatentSync keeps a face "
+        "only at its training resolution); the clips table's upscale_factor is size / that side. None: off")
     max_abs_yaw_deg: float = Field(45.0, description="|yaw| above this counts as a side-profile frame")
     max_side_profile_fraction: float = Field(0.2, description="above this fraction of side-profile frames: side_profile")
     max_multi_face_fraction: float = Field(0.2, description="above this fraction of sampled frames with 2+ "
@@ -188,7 +192,11 @@ class FilterSettings(_Section):
         "depends on the footage: set it from the clips table's sharpness column)")
     max_identity_change: float | None = Field(
         0.08, ge=0, description="identity_change score above this: identity_change (the tracked face changes "
-        "person); None: off. Set on generated clips (one face ~0.01, two faces ~0.15): calibrate on real footage")
+        "person), only with reject_identity_change. Set on generated clips (one face ~0.01, two faces ~0.15): "
+        "calibrate on real footage from the clips table's identity_change column (docs/pipeline.md)")
+    reject_identity_change: bool = Field(
+        False, description="False (default): identity_change is measured and recorded only, never rejects (its "
+        "threshold is not calibrated on real footage); True: reject above max_identity_change")
     shots: ShotSettings = ShotSettings()
     frame_quality: FrameQualitySettings = FrameQualitySettings()
     identity: IdentitySettings = IdentitySettings()
@@ -469,7 +477,7 @@ ProfileName = Literal["default", "tiny"]
 TINY_MODELS_DIR = ".models/tiny"
 
 # Per-profile overrides of the defaults above. The tiny profile keeps the video stages identical (MediaPipe is
-# bundled) but uses a faster encoder preset so that tests and the demo finish quickly, and points every audio
+# bundled; only the resolution gate is looser, for the generated videos) but uses a faster encoder preset so that tests and the demo finish quickly, and points every audio
 # model stage at a tiny random model. It forces English and turns off Whisper's temperature fallback: a random
 # Whisper would otherwise detect random languages (so no text would reach the text-emotion model) and re-decode
 # six times per window.
@@ -477,6 +485,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     "tiny": {
         "standardise": {"preset": "ultrafast"},
+        # The generated test and demo videos are 640x360 with a ~150 px face crop (3.4x to 512): the tiny profile
+        # lets up to 4x through (128 px) so that they reach the later stages; a 160x160 video still fails.
+        "filters": {"min_source_crop_fraction": 0.25},
         "shards": {"max_samples_per_shard": 4},
         # A random Demucs' vocals are mostly above 8 kHz and vanish at 16 kHz (about -65 dBFS): a lower
         # activity threshold lets speech clips reach the later stages, while digital silence stays silence.

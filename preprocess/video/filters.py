@@ -11,12 +11,15 @@ Besides the face and pose filters, two audio filters: ``audio_missing`` when mor
 audio track ended early, and ``no_speech`` when fewer than ``min_speech_fraction`` of its frames lie in speech
 segments found by Silero VAD (``preprocess.video.speech_activity``, run once per standardised clip).
 
-Shots: for the datasets in ``shots.datasets`` (folder, VFHQ, MEAD; not HDTF, whose annotated windows are single
-shots) the clip is first divided at its shot cuts (``preprocess.video.shots``, as LatentSync splits every video with
-PySceneDetect before anything else) and each shot is then split as above, so no piece spans a cut; a shot
-shorter than ``min_clip_s`` becomes a ``too_short`` piece. Two picture filters: ``identity_change`` when the
-tracked face's proportions change within the piece (``preprocess.video.identity``) and ``blurry`` when the median
-face-crop sharpness is below ``min_sharpness`` (``preprocess.video.frame_quality``; off by default).
+Shots: for the datasets in ``shots.datasets`` (every kind by default: folder, HDTF, VFHQ, MEAD; HDTF's annotated
+windows were once taken for single shots, but they do contain cuts) the clip is first divided at its shot cuts
+(``preprocess.video.shots``, as LatentSync splits every video with PySceneDetect before anything else) and each shot
+is then split as above, so no piece spans a cut; a shot shorter than ``min_clip_s`` becomes a ``too_short`` piece.
+The cuts are counted (``n_shot_cuts``) for every clip, split or not. Two picture filters: ``identity_change`` when
+the tracked face's proportions change within the piece (``preprocess.video.identity``; measured and recorded for
+every piece, rejecting only with ``reject_identity_change``: its threshold was set on generated clips) and
+``blurry`` when the median face-crop sharpness is below ``min_sharpness`` (``preprocess.video.frame_quality``; off
+by default).
 """
 
 from __future__ import annotations
@@ -71,8 +74,8 @@ class PieceStats:
     # picture quality (preprocess.video.frame_quality, preprocess.video.identity); None when not measured
     sharpness: float | None = None  # median Laplacian variance of the 128 px grey face crop over sampled frames
     identity_change: float | None = None  # identity signature spread within the piece (0: one face throughout)
-    n_shot_cuts: int | None = None  # cuts found in the whole candidate; None: shot detection off for the dataset
-    shot_index: int | None = None  # the shot (0-based, between cuts) the piece lies in
+    n_shot_cuts: int | None = None  # cuts found in the whole candidate; None: not measured
+    shot_index: int | None = None  # the shot (0-based, between cuts) the piece lies in; None: not split at cuts
 
     def as_row(self) -> dict:
         return asdict(self)
@@ -89,13 +92,15 @@ def piece_stats(
     pose: np.ndarray, survey: FaceSurvey, frames: tuple[int, int], fps: int, settings: FilterSettings,
     speech_flags: np.ndarray | None = None, audio_padding: np.ndarray | None = None,
     *, landmarks: np.ndarray | None = None, sharpness: np.ndarray | None = None, cuts: Sequence[int] | None = None,
+    split_at_cuts: bool = True,
 ) -> PieceStats:
     """Statistics of frames [start, end) of a clip. ``pose`` (n_frames, 3) yaw/pitch/roll (NaN: no face);
     ``speech_flags`` (n_frames,) 1 where Silero VAD found speech; ``audio_padding`` (n_frames,) share of each
     frame's audio that is padding (``audio_padding_per_frame``). Without them the audio stats stay None.
     ``landmarks`` (n_frames, n_landmarks, 3) give ``identity_change``; ``sharpness`` (n_frames,) face-crop
     Laplacian variance, NaN where not measured (``preprocess.video.frame_quality``); ``cuts`` the frames that start a
-    shot in the whole clip (None: shot detection is off for this dataset)."""
+    shot in the whole clip (None: not measured); ``split_at_cuts`` False: the pieces were not split at them (the
+    dataset is not in ``shots.datasets``), so no ``shot_index``."""
     start, end = frames
     piece_pose = pose[start:end]
     has_face = ~np.isnan(piece_pose[:, 0])
@@ -128,7 +133,7 @@ def piece_stats(
             identity_model(settings.identity.model), landmarks[start:end], settings.identity.window_frames,
             settings.identity.percentile, settings.identity.min_windows),
         n_shot_cuts=None if cuts is None else len(cuts),
-        shot_index=None if cuts is None else sum(1 for cut in cuts if cut <= start),
+        shot_index=None if cuts is None or not split_at_cuts else sum(1 for cut in cuts if cut <= start),
     )
 
 
@@ -173,8 +178,9 @@ def judge_piece(stats: PieceStats, settings: FilterSettings) -> Rejection | None
     if stats.speech_fraction is not None and stats.speech_fraction < settings.min_speech_fraction:
         failures.append(("no_speech", f"speech (Silero VAD) in {stats.speech_fraction:.0%} of frames "
                                       f"< {settings.min_speech_fraction:.0%}"))
-    if (settings.max_identity_change is not None and stats.identity_change is not None
-            and stats.identity_change > settings.max_identity_change):
+    # recorded only by default: the threshold was set on generated clips (preprocess.video.identity)
+    if (settings.reject_identity_change and settings.max_identity_change is not None
+            and stats.identity_change is not None and stats.identity_change > settings.max_identity_change):
         failures.append(("identity_change", f"the tracked face's proportions ({settings.identity.model}) vary by "
                                             f"{stats.identity_change:.3f} > {settings.max_identity_change} within the "
                                             "piece: another person (if not, raise filters.max_identity_change)"))

@@ -3,8 +3,9 @@
 Issue 14 item 4: a piece where the face mesh follows one person, then another (a cut to another speaker that
 the shot detector missed, two people shown alternately in one shot, HDTF windows that are not single shots)
 teaches lip sync from the wrong face. The reference pipeline (LatentSync ``preprocess/``) has no such check; it
-relies on shot detection alone. Here each piece gets a score, ``identity_change``, and is rejected over
-``filters.max_identity_change``.
+relies on shot detection alone. Here each piece gets a score, ``identity_change``, recorded in the clips table; it
+rejects over ``filters.max_identity_change`` only with ``filters.reject_identity_change`` (off by default: see
+below).
 
 The signature is behind a small interface, :class:`IdentityModel` (per-frame signatures, pairwise distances),
 so that a face-embedding model (ArcFace-style, fed the face crops that ``preprocess.video.frame_quality`` decodes
@@ -24,7 +25,8 @@ facial proportions (0.05 = 5%). With the 80th percentile a second face that fill
 raises the score to the full distance between the two faces (2p(1-p) of the pairs are mixed ones), while a
 single bad window (a mesh glitch) does not. Deviation: the threshold (``max_identity_change``) was set on
 generated clips (a still photo: score ~0.01; the same face stretched 1.3x in one axis against it: ~0.15);
-calibrate it on real footage, where talking, blinking and turning add noise, with the stored column.
+calibrate it on real footage, where talking, blinking and turning add noise, with the stored column (its
+distribution over kept pieces; docs/pipeline.md), before turning rejection on: until then it records only.
 """
 
 from __future__ import annotations

@@ -37,15 +37,16 @@ def select_pieces(job: ClipJob, settings: PreprocessSettings, workspace: Workspa
     sharpness = _stored_array(job, "frame_quality", quality["sharpness"])
     padding = audio_padding_per_frame(clip.n_frames, clip.sample_rate // fps, clip.audio_padded_samples)
     shots = settings.filters.shots
-    # HDTF's annotated windows are single shots: cuts are looked for only in the datasets named in the settings
-    cuts = (find_cuts(content_scores, shots.threshold, shots.min_shot_frames)
-            if job.candidate.dataset in shots.datasets else None)
-    ranges = plan_pieces(clip.n_frames, fps, settings.filters.max_clip_s, cuts or ())
+    # counted for every clip (n_shot_cuts); the pieces are split at them for the datasets in shots.datasets (all
+    # by default: HDTF's annotated windows, once taken for single shots, do contain cuts)
+    cuts = find_cuts(content_scores, shots.threshold, shots.min_shot_frames)
+    split_at_cuts = job.candidate.dataset in shots.datasets
+    ranges = plan_pieces(clip.n_frames, fps, settings.filters.max_clip_s, cuts if split_at_cuts else ())
     outcomes = []
     for index, frames in enumerate(ranges):
         clip_id = job.candidate.candidate_id if len(ranges) == 1 else f"{job.candidate.candidate_id}_p{index}"
         stats = piece_stats(pose, job.survey, frames, fps, settings.filters, speech_flags, padding,
-                            landmarks=landmarks, sharpness=sharpness, cuts=cuts)
+                            landmarks=landmarks, sharpness=sharpness, cuts=cuts, split_at_cuts=split_at_cuts)
         outcome = PieceOutcome(clip_id=clip_id, job=job, piece_index=index, n_pieces=len(ranges),
                                frames=frames, stats=stats, rejection=judge_piece(stats, settings.filters))
         outcomes.append(run_stage(cut.STAGE, outcome, settings, workspace))

@@ -273,8 +273,31 @@ def _choose_crop(job, settings, workspace):
     if isinstance(choice, Rejection):
         return choice
     track = choice.track
-    return replace(job, crop_box=choice.box, crop_method=choice.method, crop_track=track,
-                   crop_max_speed=track.max_speed if track else None, notes=job.notes + choice.notes)
+    job = replace(job, crop_box=choice.box, crop_method=choice.method, crop_track=track,
+                  crop_max_speed=track.max_speed if track else None, notes=job.notes + choice.notes)
+    low_resolution = low_resolution_rejection(int(choice.box.w), settings)
+    # the crop stays on the rejected job, so that its row shows the crop size and upscale factor it would have had
+    return rejected(job, low_resolution) if low_resolution else job
+
+
+def upscale_factor(crop_side_px: float, size: int) -> float:
+    """How many times standardise enlarges the source crop: ``size`` over the crop's side in whole source pixels
+    (ffmpeg crops ``int(side)``); 1 or less: no upscaling."""
+    return round(size / max(int(crop_side_px), 1), 4)
+
+
+def low_resolution_rejection(crop_side_px: int, settings) -> Rejection | None:
+    """``low_resolution`` when the square crop's side in source pixels (ffmpeg crops ``int(box.w)``) is below
+    ``filters.min_source_crop_fraction`` of the output size: the clip would be upscaled more than 2x (at 0.5) to
+    ``standardise.size``. Decided here, before the encode, so that no time is spent standardising it; not cached
+    (a settings change re-judges it for free)."""
+    fraction, size = settings.filters.min_source_crop_fraction, settings.standardise.size
+    if fraction is None or crop_side_px >= fraction * size:
+        return None
+    return Rejection("standardise", "low_resolution",
+                     f"the source crop is {crop_side_px} px square, below filters.min_source_crop_fraction={fraction} "
+                     f"of the {size} px output ({fraction * size:.0f} px): it would be upscaled "
+                     f"{upscale_factor(crop_side_px, size):.2f}x")
 
 
 def _standardise_key_parts(job, settings, workspace) -> list:
