@@ -5,19 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import tiny_models
 from preprocess.run.media import count_video_frames, iter_rgb_frames
+from preprocess.run.model_loading import TINY_DIR
 from preprocess.visual.latents import FrameLatentEncoder, psnr
 from synchrorama.sample_data import make_talking_video
-from tiny_models.vision import build_tiny_sd_vae
 
 # The tiny VAE reaches about 26 dB on these frames; the same config with random weights about 11 dB.
 MIN_PSNR_DB = 20.0
 
 
 @pytest.fixture(scope="module")
-def sd15(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd15")
-    build_tiny_sd_vae(root)
+def sd15():
+    """The tiny profile's SD 1.5 folder, built once for the session before its first test (tests/conftest.py): a
+    second build here would train the same VAE again inside this module's first test's time limit."""
+    root = TINY_DIR / "sd15"
+    tiny_models.BUILDER.build(TINY_DIR)
     return root
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 
 from tiny_models.real_configs import load_real_json, real_config_dir, with_sizes
 
-VERSION = 6  # bump when a tiny model changes: it is rebuilt, and the tiny profile's cache keys include it
+VERSION = 7  # bump when a tiny model changes: it is rebuilt, and the tiny profile's cache keys include it
 README = f"""Tiny RANDOM models (tiny_models.build, version {VERSION}).
 They have the classes, flags and processor files of the real default models (built from copies of their
 configuration files with only sizes changed) but random weights: every number they produce
@@ -156,6 +156,9 @@ def _build_whisper(out: Path) -> None:
     torch.manual_seed(0)
     dims = ModelDimensions(**with_sizes(load_real_json(REAL_WHISPER, "dims.json"), TINY_WHISPER_SIZES))
     model = Whisper(dims)
+    # openai-whisper leaves the decoder's positional embedding as torch.empty (the real weights overwrite it): left
+    # so, two builds held different bytes (and outputs), against "two builds hold the same models" above
+    torch.nn.init.normal_(model.decoder.positional_embedding, std=0.02)
     out.mkdir(parents=True)
     torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, out / "tiny-random.pt")
 
