@@ -44,14 +44,13 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
-from prefect.concurrency.sync import concurrency
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import tiny_models
 from flows.engines import build_task_runner, engine_workers, gpu_resources
-from flows.gpu_limit import ensure_gpu_limit
+from flows.gpu_limit import ensure_gpu_limit, gpu_slot
 from preprocess.datasets.discover import DATASETS, discover_candidates, looked_for
 from preprocess.pipeline import run_model_group, run_video_group
 from preprocess.run.failures import RunFailed, check_failure_shares, is_environment_error
@@ -104,13 +103,13 @@ def video_task(partition: Partition, settings: PreprocessSettings, out_dir: str)
 
 @task(name="audio", tags=["gpu"], **_stage)
 def audio_task(pieces: list[PieceOutcome], settings: PreprocessSettings, out_dir: str) -> list[PieceOutcome]:
-    with concurrency(settings.partitions.gpu_limit_name, occupy=1, strict=True):
+    with gpu_slot(settings.partitions.gpu_limit_name):
         return run_model_group("audio", pieces, settings, Workspace(Path(out_dir)))
 
 
 @task(name="visual", tags=["gpu"], **_stage)
 def visual_task(pieces: list[PieceOutcome], settings: PreprocessSettings, out_dir: str) -> list[PieceOutcome]:
-    with concurrency(settings.partitions.gpu_limit_name, occupy=1, strict=True):
+    with gpu_slot(settings.partitions.gpu_limit_name):
         return run_model_group("visual", pieces, settings, Workspace(Path(out_dir)))
 
 
