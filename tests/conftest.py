@@ -4,7 +4,12 @@ there), runs offline, and talks to ONE Prefect server started for the whole sess
 Without it, every flow called as a plain function starts Prefect's ephemeral server, whose 20 s start-up limit a
 busy 2-core machine exceeds (7 tests errored that way), and which can outlive pytest when pytest is killed. The
 session's server gets a generous start-up wait, runs in its own process group, and that group is killed when
-the session ends (also on Ctrl-C and on an exception), so no process of the suite is left behind.
+the session ends (also on Ctrl-C and on an exception), and by the server's watchdog when pytest is killed
+outright (``synchrorama.prefect_server``), so no process of the suite is left behind.
+
+The session's one-off set-up, the tiny models and the server, is done in ``pytest_configure``, before any test:
+pytest-timeout's per-test limit counts a test's fixtures and its body, so a first use inside the first test spent
+that test's 900 s on it, and on a 6x oversubscribed machine the first flow tests errored.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 import tiny_models  # noqa: E402
-from preprocess.run.model_loading import register_tiny_builder  # noqa: E402
+from preprocess.run.model_loading import TINY_DIR, register_tiny_builder  # noqa: E402
+from synchrorama.prefect_server import start_server, stop_process_group  # noqa: E402
 from synchrorama.sample_data import make_talking_video  # noqa: E402
 
-# The tests run the tiny profile's stages directly: the tiny models are built on first use (as the CLI and the
-# flows arrange it for a user's run).
+# The tests run the tiny profile's stages directly: a user's run builds the tiny models on first use (as the CLI
+# and the flows arrange it); the test session builds them in pytest_configure.
 register_tiny_builder(tiny_models.BUILDER)
 
 _session_server: subprocess.Popen | None = None
@@ -50,18 +56,8 @@ def _free_port() -> int:
 def _stop_session_server() -> None:
     global _session_server
     server, _session_server = _session_server, None
-    if server is None or server.poll() is not None:
-        return
-    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(server.pid, sig)  # the whole group: uvicorn and its workers too
-        except ProcessLookupError:
-            return
-        try:
-            server.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    if server is not None:
+        stop_process_group(server)  # the whole group: uvicorn and its workers, and the watchdog
 
 
 def _stop_server_then_terminate(signum, frame) -> None:
@@ -71,12 +67,16 @@ def _stop_server_then_terminate(signum, frame) -> None:
 
 
 def pytest_configure(config):
-    """Start the session's Prefect server before any test module imports Prefect."""
+    """The session's one-off set-up, before any test's time limit starts: the Prefect server (before any test
+    module imports Prefect), then the tiny models (built once per checkout and builder version)."""
+    _start_session_server()
+    tiny_models.BUILDER.build(TINY_DIR)
+
+
+def _start_session_server() -> None:
     global _session_server
     if os.environ.get("PREFECT_API_URL") or _session_server is not None:
         return  # the caller provides a server
-    from synchrorama.prefect_server import start_server
-
     port = _free_port()
     _session_server = start_server(Path(_prefect_home) / "server.log", port=port, timeout_s=600)
     # At exit rather than in pytest_unconfigure: registered before Prefect is imported, it runs after Prefect's

@@ -4,7 +4,6 @@ completes with exit 0 and writes the outputs; a failing run exits 1 and shows it
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from synchrorama.prefect_server import is_healthy
+from synchrorama.prefect_server import die_with_this_process, start_server, stop_process_group
 from synchrorama.sample_data import make_talking_video
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,16 +26,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
@@ -45,19 +34,15 @@ def served(tmp_path_factory):
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url,
            "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     logs = tmp_path_factory.mktemp("logs")
-    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=REPO,
-                              env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
-                              stdout=open(logs / "server.log", "wb"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    # both in process groups of their own that die with this process, even when it is SIGKILLed
+    server = start_server(logs / "server.log", port=port, timeout_s=120, env=env, cwd=REPO)
     serving = None
     try:
         deadline = time.monotonic() + 120
-        while not is_healthy(api_url):
-            assert time.monotonic() < deadline and server.poll() is None, (logs / "server.log").read_text()[-2000:]
-            time.sleep(0.5)
         serving = subprocess.Popen([sys.executable, "-m", "flows.serve", "--profile", "tiny"], cwd=REPO, env=env,
                                    stdout=open(logs / "serve.log", "wb"), stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   process_group=0)
+        die_with_this_process(serving)
         while subprocess.run([PREFECT, "deployment", "inspect", "preprocess/folder"], cwd=REPO, env=env,
                              capture_output=True).returncode != 0:
             assert time.monotonic() < deadline and serving.poll() is None, (logs / "serve.log").read_text()[-2000:]
@@ -65,8 +50,8 @@ def served(tmp_path_factory):
         yield env
     finally:
         if serving is not None:
-            _stop(serving)
-        _stop(server)
+            stop_process_group(serving, grace_s=15)
+        stop_process_group(server, grace_s=15)
 
 
 def _run_deployment(env, name: str, **params) -> subprocess.CompletedProcess:

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from preprocess.visual.describe_videollama2 import (
     VideoLLaMA2DeploymentCaptioner,
     VideoLLaMA2ServiceError,
 )
-from synchrorama.prefect_server import is_healthy
+from synchrorama.prefect_server import die_with_this_process, is_healthy, stop_process_group
 from synchrorama.sample_data import make_talking_video
 
 REPO = Path(__file__).resolve().parent.parent
@@ -186,21 +185,6 @@ def test_standin_pads_a_short_frame_list_with_black_as_videollama2_does(standin_
     assert padded.shape[0] == CONFIG_NUM_FRAMES and [float(frame.mean()) for frame in padded[8:]] == [0.0] * 4
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM the process group (the runner and its flow-run processes), then SIGKILL what is left."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # children that outlived their parent, or a stuck parent
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
 @pytest.fixture(scope="module")
 def server() -> str:
     """The API URL of the session's Prefect server (tests/conftest.py starts one for the whole run)."""
@@ -268,7 +252,8 @@ def served(server, standin, tmp_path_factory):
     assert guard.returncode != 0 and "imported the pipeline package" in guard.stderr, guard.stderr[-1000:]
     with open(service_dir / "serve.log", "wb") as output:
         process = subprocess.Popen([sys.executable, SERVICE_FILE.name, "serve"], cwd=service_dir, env=env,
-                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=output, stderr=subprocess.STDOUT, process_group=0)
+    die_with_this_process(process)  # the runner and its flow-run processes, even when pytest is SIGKILLed
     try:
         from prefect import get_client
 
@@ -285,7 +270,7 @@ def served(server, standin, tmp_path_factory):
                 time.sleep(1)
         yield server, log, process
     finally:
-        _stop(process)
+        stop_process_group(process)  # SIGTERM, then SIGKILL to what is left
 
 
 def test_client_captions_through_the_served_deployment(served, media):
