@@ -8,8 +8,8 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-import preprocess.pipeline as pipeline
 from flows.preprocess import preprocess
+from preprocess.audio import speech_emotion, wav2vec_features
 from preprocess.run.failures import (
     EnvironmentFailure,
     RunFailed,
@@ -19,6 +19,7 @@ from preprocess.run.failures import (
 )
 from preprocess.run.preflight import ModelSetupError, active_models
 from preprocess.run.settings import load_settings
+from preprocess.video import faces
 from synchrorama.sample_data import make_talking_video
 
 
@@ -66,7 +67,7 @@ def test_an_out_of_memory_error_in_a_stage_fails_the_run_instead_of_rejecting_cl
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(pipeline, "classify_speech", out_of_memory)
+    monkeypatch.setattr(speech_emotion, "classify_speech", out_of_memory)  # what its STAGE calls
     out = tmp_path / "out"
     with pytest.raises(EnvironmentFailure, match="stage speech_emotion cannot run in this environment"):
         preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny")
@@ -78,7 +79,7 @@ def test_a_stage_failing_on_most_clips_fails_the_run_and_a_tolerated_share_rejec
     def broken(*args, **kwargs):
         raise ValueError("a bug that every clip triggers")
 
-    monkeypatch.setattr(pipeline, "wav2vec_frames", broken)
+    monkeypatch.setattr(wav2vec_features, "wav2vec_frames", broken)
     out = tmp_path / "out"
     with pytest.raises(RunFailed, match=r"wav2vec: 1 of 1 failed .*a bug that every clip triggers"):
         preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny")
@@ -101,7 +102,7 @@ def test_a_task_past_its_time_limit_is_failed_not_waited_on(raw, tmp_path, monke
             time.sleep(0.05)
         raise AssertionError("not interrupted")
 
-    monkeypatch.setattr(pipeline, "_linked_frame_analysis", slow_face_tracking)
+    monkeypatch.setattr(faces, "linked_from_standardise", slow_face_tracking)
     out = tmp_path / "out"
     started = time.monotonic()
     preprocess(dataset="folder", raw_dir=str(raw), out_dir=str(out), profile="tiny",
